@@ -1,0 +1,311 @@
+// The CPU kernel of rkkd::kendall: loss and both gradients in one pass over each row's pairs.
+//
+// Rows are spread over torch's intra-op threads (OpenMP); each row is computed by one thread in a
+// fixed order, so results are bitwise reproducible whatever the thread count. Per row the thread
+// keeps four length-C buffers (exp weights of student and teacher, two gradient sums): O(C) extra
+// memory per thread, O(rows * C) for the outputs, nothing of size C x C.
+//
+// The inner loop runs over j > i on SIMD vectors (GCC/Clang vector extensions, so the same pair
+// functions of pair_math.h serve scalars and vectors); the last partial vector of each i is masked
+// rather than finished by a scalar loop.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "pair_math.h"
+
+namespace rkkd {
+
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;
+#endif
+typedef float F32Vec __attribute__((vector_size(kVectorBytes)));
+typedef double F64Vec __attribute__((vector_size(kVectorBytes)));
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  using type = F32Vec;
+};
+template <>
+struct VecOf<double> {
+  using type = F64Vec;
+};
+
+template <>
+struct Arith<F32Vec> {
+  // A hardware reciprocal estimate and one Newton step (r' = r (2 - x r)): about 23 correct bits,
+  // at a fraction of a division's cost; the tests hold it to float32 tolerances.
+  static inline F32Vec reciprocal(F32Vec x) {
+#if defined(__AVX512F__)
+    const F32Vec r = reinterpret_cast<F32Vec>(_mm512_rcp14_ps(reinterpret_cast<__m512>(x)));
+#elif defined(__AVX__)
+    const F32Vec r = reinterpret_cast<F32Vec>(_mm256_rcp_ps(reinterpret_cast<__m256>(x)));
+#else
+    const F32Vec r = 1.0f / x;
+#endif
+    return r * (2.0f - x * r);
+  }
+  static inline F32Vec sign(F32Vec x) {
+    // Vector comparisons give -1 (true) or 0 per lane.
+    return __builtin_convertvector((x < 0.0f) - (x > 0.0f), F32Vec);
+  }
+};
+
+template <>
+struct Arith<F64Vec> {
+  // float64 inputs deserve float64 answers (gradcheck): a true division.
+  static inline F64Vec reciprocal(F64Vec x) { return 1.0 / x; }
+  static inline F64Vec sign(F64Vec x) {
+    return __builtin_convertvector((x < 0.0) - (x > 0.0), F64Vec);
+  }
+};
+
+namespace {
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <typename V>
+inline auto horizontal_sum(V v) -> typename std::remove_reference<decltype(v[0])>::type {
+  typename std::remove_reference<decltype(v[0])>::type total = 0;
+  for (size_t l = 0; l < sizeof(V) / sizeof(v[0]); ++l) total += v[l];
+  return total;
+}
+
+// Buffers of one thread, reused across its rows. Each has `width` slack lanes so that the masked
+// last vector of a row can read and write past C.
+template <typename T>
+struct RowBuffers {
+  std::vector<T> student, teacher, grad_s, grad_t;
+  void resize(int64_t padded) {
+    for (auto* b : {&student, &teacher, &grad_s, &grad_t}) b->assign(padded, T(0));
+  }
+};
+
+// The fast path: ratio form on SIMD vectors. `a`, `b` hold exp(2k (x - centre)) of student and
+// teacher (for a hard teacher, `b` holds the teacher logits themselves), padded with ones.
+template <typename T, bool kHard>
+T ratio_row(const T* a, const T* b, int64_t c, T* gs, T* gt) {
+  using V = typename VecOf<T>::type;
+  constexpr int64_t W = sizeof(V) / sizeof(T);
+  T tau = 0;
+  for (int64_t i = 0; i + 1 < c; ++i) {
+    const V a_i = V{} + a[i];
+    const V b_i = V{} + b[i];
+    V tau_v{}, gs_i{}, gt_i{};
+    const int64_t j_end = c;
+    for (int64_t j = i + 1; j < j_end; j += W) {
+      const V a_j = load<V>(a + j);
+      const V b_j = load<V>(b + j);
+      const TanhPair<V> s = tanh_from_ratio(a_i, a_j);
+      PairTerms<V> p = kHard ? hard_teacher_pair(s, Arith<V>::sign(b_i - b_j))
+                             : soft_teacher_pair(s, tanh_from_ratio(b_i, b_j));
+      if (j + W > j_end) {  // the last, partial vector: lanes past C contribute nothing
+        V mask{};
+        for (int64_t l = 0; l < j_end - j; ++l) mask[l] = T(1);
+        p.tau *= mask;
+        p.grad_s *= mask;
+        p.grad_t *= mask;
+      }
+      tau_v += p.tau;
+      gs_i += p.grad_s;
+      store(gs + j, load<V>(gs + j) - p.grad_s);
+      if (!kHard) {
+        gt_i += p.grad_t;
+        store(gt + j, load<V>(gt + j) - p.grad_t);
+      }
+    }
+    tau += horizontal_sum(tau_v);
+    gs[i] += horizontal_sum(gs_i);
+    if (!kHard) gt[i] += horizontal_sum(gt_i);
+  }
+  return tau;
+}
+
+// The guarded path for rows whose spread overflows the ratio form: tanh of each pair, in double.
+template <bool kHard>
+double direct_row(const double* x, const double* y, int64_t c, double k, double* gs, double* gt) {
+  double tau = 0;
+  for (int64_t i = 0; i + 1 < c; ++i) {
+    for (int64_t j = i + 1; j < c; ++j) {
+      const TanhPair<double> s = tanh_direct(k * (x[i] - x[j]));
+      const PairTerms<double> p = kHard
+          ? hard_teacher_pair(s, Arith<double>::sign(y[i] - y[j]))
+          : soft_teacher_pair(s, tanh_direct(k * (y[i] - y[j])));
+      tau += p.tau;
+      gs[i] += p.grad_s;
+      gs[j] -= p.grad_s;
+      gt[i] += p.grad_t;
+      gt[j] -= p.grad_t;
+    }
+  }
+  return tau;
+}
+
+struct Range {
+  double lo = std::numeric_limits<double>::infinity();
+  double hi = -std::numeric_limits<double>::infinity();
+  bool finite = true;
+  double spread() const { return hi - lo; }
+  double centre() const { return 0.5 * (hi + lo); }
+};
+
+template <typename scalar_t>
+Range row_range(const scalar_t* x, int64_t c) {
+  Range r;
+  for (int64_t i = 0; i < c; ++i) {
+    const double v = static_cast<double>(x[i]);
+    r.finite = r.finite && std::isfinite(v);
+    r.lo = std::min(r.lo, v);
+    r.hi = std::max(r.hi, v);
+  }
+  return r;
+}
+
+// One row: choose the path, run it, write loss and scaled gradients in the output type acc_t.
+template <typename T, typename scalar_t, typename acc_t>
+void ratio_path(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard,
+                const Range& rs, const Range& rt, RowBuffers<T>& buf, acc_t* loss,
+                acc_t* grad_s, acc_t* grad_t) {
+  const double two_k = 2.0 * k;
+  for (int64_t i = 0; i < c; ++i) {
+    buf.student[i] = T(std::exp(T(two_k * (static_cast<double>(s[i]) - rs.centre()))));
+    buf.teacher[i] = hard ? T(static_cast<double>(t[i]))
+                          : T(std::exp(T(two_k * (static_cast<double>(t[i]) - rt.centre()))));
+  }
+  const int64_t padded = static_cast<int64_t>(buf.student.size());
+  std::fill(buf.student.begin() + c, buf.student.end(), T(1));
+  std::fill(buf.teacher.begin() + c, buf.teacher.end(), T(1));
+  std::fill(buf.grad_s.begin(), buf.grad_s.begin() + padded, T(0));
+  std::fill(buf.grad_t.begin(), buf.grad_t.begin() + padded, T(0));
+  const T tau = hard ? ratio_row<T, true>(buf.student.data(), buf.teacher.data(), c,
+                                          buf.grad_s.data(), buf.grad_t.data())
+                     : ratio_row<T, false>(buf.student.data(), buf.teacher.data(), c,
+                                           buf.grad_s.data(), buf.grad_t.data());
+  const RowScale<double> scale(c, k);
+  *loss = acc_t(scale.loss(double(tau)));
+  if (grad_s)
+    for (int64_t i = 0; i < c; ++i) grad_s[i] = acc_t(scale.grad_scale * double(buf.grad_s[i]));
+  if (grad_t)
+    for (int64_t i = 0; i < c; ++i)
+      grad_t[i] = hard ? acc_t(0) : acc_t(scale.grad_scale * double(buf.grad_t[i]));
+}
+
+template <typename scalar_t, typename acc_t>
+void direct_path(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard,
+                 RowBuffers<double>& buf, acc_t* loss, acc_t* grad_s, acc_t* grad_t) {
+  for (int64_t i = 0; i < c; ++i) {
+    buf.student[i] = static_cast<double>(s[i]);
+    buf.teacher[i] = static_cast<double>(t[i]);
+  }
+  std::fill(buf.grad_s.begin(), buf.grad_s.end(), 0.0);
+  std::fill(buf.grad_t.begin(), buf.grad_t.end(), 0.0);
+  const double tau = hard ? direct_row<true>(buf.student.data(), buf.teacher.data(), c, k,
+                                             buf.grad_s.data(), buf.grad_t.data())
+                          : direct_row<false>(buf.student.data(), buf.teacher.data(), c, k,
+                                              buf.grad_s.data(), buf.grad_t.data());
+  const RowScale<double> scale(c, k);
+  *loss = acc_t(scale.loss(tau));
+  if (grad_s)
+    for (int64_t i = 0; i < c; ++i) grad_s[i] = acc_t(scale.grad_scale * buf.grad_s[i]);
+  if (grad_t)
+    for (int64_t i = 0; i < c; ++i) grad_t[i] = acc_t(scale.grad_scale * buf.grad_t[i]);
+}
+
+template <typename scalar_t, typename acc_t>
+void kendall_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t c, double k,
+                  bool hard, acc_t* loss, acc_t* grad_s, acc_t* grad_t) {
+  constexpr bool kFloatCompute = !std::is_same<acc_t, double>::value;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kSlack = kVectorBytes / sizeof(float);
+    RowBuffers<float> fbuf;
+    RowBuffers<double> dbuf;
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* s_row = s + r * c;
+      const scalar_t* t_row = t + r * c;
+      acc_t* gs_row = grad_s ? grad_s + r * c : nullptr;
+      acc_t* gt_row = grad_t ? grad_t + r * c : nullptr;
+      const Range rs = row_range(s_row, c);
+      const Range rt = row_range(t_row, c);
+      if (!rs.finite || !rt.finite) {  // SPEC: a non-finite logit makes its row NaN, never 0
+        const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+        loss[r] = nan;
+        if (gs_row) std::fill(gs_row, gs_row + c, nan);
+        if (gt_row) std::fill(gt_row, gt_row + c, hard ? acc_t(0) : nan);
+        continue;
+      }
+      const double spread = k * std::max(rs.spread(), hard ? 0.0 : rt.spread());
+      if (kFloatCompute && spread <= RatioLimits<float>::max_spread) {
+        if (fbuf.student.size() == 0) fbuf.resize(c + kSlack);
+        ratio_path<float>(s_row, t_row, c, k, hard, rs, rt, fbuf, loss + r, gs_row, gt_row);
+      } else if (spread <= RatioLimits<double>::max_spread) {
+        if (dbuf.student.size() == 0) dbuf.resize(c + kSlack);
+        ratio_path<double>(s_row, t_row, c, k, hard, rs, rt, dbuf, loss + r, gs_row, gt_row);
+      } else {
+        if (dbuf.student.size() == 0) dbuf.resize(c + kSlack);
+        direct_path(s_row, t_row, c, k, hard, dbuf, loss + r, gs_row, gt_row);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cpu(const at::Tensor& student,
+                                                           const at::Tensor& teacher, double k,
+                                                           bool hard_teacher, bool need_grad_s,
+                                                           bool need_grad_t) {
+  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
+              "rkkd::kendall expects two (rows, C) tensors of one shape, got ", student.sizes(),
+              " and ", teacher.sizes());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
+              "rkkd::kendall expects one dtype, got ", student.scalar_type(), " and ",
+              teacher.scalar_type());
+  TORCH_CHECK(student.size(1) >= 2, "rkkd::kendall needs C >= 2, got ", student.size(1));
+  TORCH_CHECK(std::isfinite(k) && k > 0, "rkkd::kendall needs a positive finite k, got ", k);
+  const at::Tensor s = student.contiguous();
+  const at::Tensor t = teacher.contiguous();
+  const int64_t rows = s.size(0), c = s.size(1);
+  const auto acc_type = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = s.options().dtype(acc_type);
+  at::Tensor loss = at::empty({rows}, opts);
+  at::Tensor grad_s = need_grad_s ? at::empty({rows, c}, opts) : at::empty({0}, opts);
+  at::Tensor grad_t = need_grad_t ? at::empty({rows, c}, opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "rkkd_kendall_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    kendall_rows<scalar_t, acc_t>(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), rows, c, k,
+                                  hard_teacher, loss.data_ptr<acc_t>(),
+                                  need_grad_s ? grad_s.data_ptr<acc_t>() : nullptr,
+                                  need_grad_t ? grad_t.data_ptr<acc_t>() : nullptr);
+  });
+  return {loss, grad_s, grad_t};
+}
+
+}  // namespace
+}  // namespace rkkd
+
+TORCH_LIBRARY_IMPL(rkkd, CPU, m) { m.impl("kendall", &rkkd::kendall_cpu); }

@@ -1,0 +1,115 @@
+// The pair terms of the soft-Kendall loss: the one copy of the math, for host code (scalar or SIMD
+// vectors) and CUDA device code alike.
+//
+// For a row with student s, teacher t, steepness k and P = C (C - 1) / 2 pairs:
+//   loss          = 1 - tau,  tau = (1 / P) sum_{i<j} tanh(k (s_i - s_j)) w_ij
+//   d loss / ds_i = -(4 k / P) * G_i,   G_i = sum_{j != i} sign(j > i ? +1 : -1) * grad_s(i, j)
+//   d loss / dt_i = -(4 k / P) * H_i    (the same with grad_t; zero for a hard teacher)
+// where grad_s(i, j) = (1 - tanh_s^2) / 4 * w_ij and grad_t(i, j) = tanh_s * (1 - w_ij^2) / 4 are
+// computed once per unordered pair (i < j): i adds them, j subtracts them (the summand is
+// antisymmetric in the derivative), so each pair is visited once.
+//
+// Two ways to get tanh of a pair, both returning tanh and (1 - tanh^2) / 4:
+// - the ratio form, used on almost every row: with a_i = exp(2 k (x_i - c)) computed once per
+//   element, tanh(k (x_i - x_j)) = (a_i - a_j) / (a_i + a_j): one reciprocal per pair, no exp.
+//   The row centre c = (max + min) / 2 keeps every a_i in [exp(-k R), exp(k R)], R = max - min, so
+//   the form is exact while k R stays under RatioLimits<T>::max_spread;
+// - the direct form tanh(k (x_i - x_j)), for rows beyond that (the guarded slow path).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RKKD_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define RKKD_HOST_DEVICE inline
+#endif
+
+namespace rkkd {
+
+// Largest k * (max - min) of a row for which every a_i = exp(+-k R) is a normal number and a_i + a_j
+// cannot overflow (float: exp(87.3) is the smallest normal's reciprocal; double: exp(708)).
+template <typename T>
+struct RatioLimits;
+template <>
+struct RatioLimits<float> {
+  static constexpr float max_spread = 80.0f;
+};
+template <>
+struct RatioLimits<double> {
+  static constexpr double max_spread = 700.0;
+};
+
+// The arithmetic that differs by type. Scalars get plain operators; a SIMD translation unit
+// specializes this for its vector types (for example a reciprocal estimate refined by Newton).
+template <typename T>
+struct Arith {
+  static RKKD_HOST_DEVICE T reciprocal(T x) { return T(1) / x; }
+  // sign(x) with sign(0) = 0, the hard teacher's weight.
+  static RKKD_HOST_DEVICE T sign(T x) { return T((x > T(0)) - (x < T(0))); }
+};
+
+#if defined(__CUDA_ARCH__)
+template <>
+struct Arith<float> {
+  // __frcp_rn is the correctly rounded 1 / x without the cost of a full IEEE division.
+  static __device__ __forceinline__ float reciprocal(float x) { return __frcp_rn(x); }
+  static __device__ __forceinline__ float sign(float x) { return float((x > 0.f) - (x < 0.f)); }
+};
+#endif
+
+template <typename T>
+struct TanhPair {
+  T tanh;           // tanh(k (x_i - x_j))
+  T quarter_sech2;  // (1 - tanh^2) / 4
+};
+
+// Ratio form: p = a_i / (a_i + a_j) and q = a_j / (a_i + a_j) both lie in [0, 1], so tanh = p - q
+// and (1 - tanh^2) / 4 = p q, with no cancellation where tanh saturates and nothing to overflow.
+template <typename T>
+RKKD_HOST_DEVICE TanhPair<T> tanh_from_ratio(T a_i, T a_j) {
+  const T inv = Arith<T>::reciprocal(a_i + a_j);
+  const T p = a_i * inv;
+  const T q = a_j * inv;
+  return {p - q, p * q};
+}
+
+// Direct form, for the guarded path: x = k (x_i - x_j).
+template <typename T>
+RKKD_HOST_DEVICE TanhPair<T> tanh_direct(T x) {
+  using std::tanh;
+  const T th = tanh(x);
+  return {th, (T(1) - th) * (T(1) + th) * T(0.25)};
+}
+
+template <typename T>
+struct PairTerms {
+  T tau;     // this pair's share of P * tau
+  T grad_s;  // added to G_i, subtracted from G_j
+  T grad_t;  // added to H_i, subtracted from H_j
+};
+
+template <typename T>
+RKKD_HOST_DEVICE PairTerms<T> soft_teacher_pair(const TanhPair<T>& s, const TanhPair<T>& t) {
+  return {s.tanh * t.tanh, s.quarter_sech2 * t.tanh, s.tanh * t.quarter_sech2};
+}
+
+// Hard teacher: w_ij = sign(t_i - t_j) and the teacher gets no gradient.
+template <typename T>
+RKKD_HOST_DEVICE PairTerms<T> hard_teacher_pair(const TanhPair<T>& s, T sign_t) {
+  return {s.tanh * sign_t, s.quarter_sech2 * sign_t, T{}};
+}
+
+// The factors that turn the accumulated sums into the loss and the gradients.
+template <typename T>
+struct RowScale {
+  T inv_pairs;   // 1 / P
+  T grad_scale;  // -4 k / P
+  RKKD_HOST_DEVICE RowScale(int64_t c, double k)
+      : inv_pairs(T(2.0 / (double(c) * double(c - 1)))),
+        grad_scale(T(-8.0 * k / (double(c) * double(c - 1)))) {}
+  RKKD_HOST_DEVICE T loss(T tau_sum) const { return T(1) - tau_sum * inv_pairs; }
+};
+
+}  // namespace rkkd

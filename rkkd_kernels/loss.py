@@ -1,0 +1,174 @@
+"""The public loss: validation (SPEC.md's errors), the ``(..., C) -> rows`` view, top_k, reduction.
+
+Everything that is not pair math lives here, once, so that every backend only implements full rows
+of a 2-D contiguous block.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import backends
+from .reference import accumulation_dtype
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_k(k: float) -> float:
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise ValueError(f"k must be a positive finite number, got {k!r}")
+    k = float(k)
+    if not math.isfinite(k) or k <= 0:
+        raise ValueError(f"k must be a positive finite number, got {k!r}")
+    return k
+
+
+def _check_options(k, top_k, reduction, backend) -> float:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {backends.BACKENDS}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+            raise ValueError(f"top_k must be an int or None, got {top_k!r}")
+        if top_k < 2:
+            raise ValueError(f"top_k must be at least 2, got {top_k}")
+    return _check_k(k)
+
+
+def _check_tensors(student, teacher, top_k) -> None:
+    for name, x in (("student", student), ("teacher", teacher)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} logits must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} logits must have a floating dtype, got {x.dtype}")
+    if student.device != teacher.device:
+        raise ValueError(
+            f"student and teacher are on different devices ({student.device} and {teacher.device})"
+        )
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher shapes differ: {tuple(student.shape)} vs {tuple(teacher.shape)}"
+        )
+    if student.dim() == 0 or student.shape[-1] < 2:
+        raise ValueError(
+            f"the last dimension holds the C >= 2 classes; got shape {tuple(student.shape)}"
+        )
+    if top_k is not None and top_k > student.shape[-1]:
+        raise ValueError(f"top_k must lie in [2, C={student.shape[-1]}], got {top_k}")
+
+
+def _teacher_top_k(student: torch.Tensor, teacher: torch.Tensor, top_k: int):
+    """Keep, per row, the ``top_k`` channels with the largest teacher logits (torch.topk's ties).
+
+    Autograd scatters the gradient of the gathered channels back; the others get zero. A non-finite
+    logit outside the kept channels must still make its row NaN (SPEC.md), so such rows are poisoned
+    with a detached NaN before the op; no host-device synchronisation is involved.
+    """
+    index = teacher.detach().topk(top_k, dim=-1).indices
+    row_finite = torch.isfinite(student.detach()).all(-1, keepdim=True) & torch.isfinite(
+        teacher.detach()
+    ).all(-1, keepdim=True)
+    poison = torch.where(row_finite, 0.0, math.nan).to(student.dtype)
+    return student.gather(-1, index) + poison, teacher.gather(-1, index) + poison
+
+
+def kendall_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    k: float = 1.0,
+    *,
+    hard_teacher: bool = False,
+    top_k: Optional[int] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Soft-Kendall ranking loss ``1 - tau`` between student and teacher logits (RKKD).
+
+    For each row (every index but the last dimension) of C logits::
+
+        tau = 1/P * sum_{i<j} tanh(k (s_i - s_j)) * w_ij,   P = C (C - 1) / 2
+        w_ij = tanh(k (t_i - t_j))   or   sign(t_i - t_j) with ``hard_teacher=True``
+
+    Args:
+        student_logits: ``(..., C)`` floating tensor, any strides.
+        teacher_logits: the same shape and device (usually detached).
+        k: steepness of the tanh, a positive finite number.
+        hard_teacher: use sign() of the teacher's differences (no gradient to the teacher).
+        top_k: only the pairs among the ``top_k`` channels with the largest teacher logits.
+        reduction: ``"mean"`` over rows, ``"sum"`` or ``"none"`` (shape ``(...)``).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
+
+    Returns:
+        The loss in ``[0, 2]`` per row, reduced as asked, in the (promoted) input dtype.
+
+    Raises:
+        ValueError: differing shapes or devices, ``C < 2``, ``top_k`` outside ``[2, C]``, a bad
+            ``k``, an unknown ``reduction`` or ``backend``.
+        TypeError: a non-floating dtype.
+        RuntimeError: a forced backend that is not available here (the message says what to install).
+    """
+    k = _check_options(k, top_k, reduction, backend)
+    _check_tensors(student_logits, teacher_logits, top_k)
+    chosen = backends.choose(backend, student_logits.device)
+
+    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    batch_shape = student_logits.shape[:-1]
+    c = student_logits.shape[-1]
+    student = student_logits.to(dtype).reshape(-1, c)
+    teacher = teacher_logits.to(dtype).reshape(-1, c)
+    if top_k is not None and top_k < c:
+        student, teacher = _teacher_top_k(student, teacher, top_k)
+
+    loss_rows = backends.DISPATCH[chosen](student, teacher, k, bool(hard_teacher))
+
+    acc = accumulation_dtype(dtype)
+    loss_rows = loss_rows.to(acc)
+    if reduction == "mean":
+        out = loss_rows.mean()
+    elif reduction == "sum":
+        out = loss_rows.sum()
+    else:
+        out = loss_rows.reshape(batch_shape)
+    return out.to(dtype)
+
+
+class KendallLoss(nn.Module):
+    """Module form of :func:`kendall_loss`; the options are checked once, here."""
+
+    def __init__(
+        self,
+        k: float = 1.0,
+        hard_teacher: bool = False,
+        top_k: Optional[int] = None,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.k = _check_options(k, top_k, reduction, backend)
+        self.hard_teacher = bool(hard_teacher)
+        self.top_k = top_k
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return kendall_loss(
+            student_logits,
+            teacher_logits,
+            self.k,
+            hard_teacher=self.hard_teacher,
+            top_k=self.top_k,
+            reduction=self.reduction,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"k={self.k}, hard_teacher={self.hard_teacher}, top_k={self.top_k}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )

@@ -1,0 +1,40 @@
+"""The plain PyTorch soft-Kendall loss: materializes C x C per row, autograd derives the gradients.
+
+This is the oracle of the tests and the baseline of the benchmarks, written to be read, not to be
+fast. Its extra memory is rows * C * C, which is exactly what the other backends avoid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype accumulates in float32 (SPEC.md)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kendall_reference_rows(
+    student: torch.Tensor, teacher: torch.Tensor, k: float, hard_teacher: bool = False
+) -> torch.Tensor:
+    """Per-row loss ``1 - tau`` of two ``(rows, C)`` tensors, in the accumulation dtype.
+
+    tau = (1 / P) * sum_{i<j} tanh(k (s_i - s_j)) * w_ij, with w_ij = tanh(k (t_i - t_j)) or
+    sign(t_i - t_j). The summand is symmetric under i <-> j and zero on the diagonal, so the sum
+    over the whole C x C matrix is twice the sum over i < j.
+    """
+    acc = accumulation_dtype(student.dtype)
+    s = student.to(acc)
+    t = teacher.to(acc)
+    # Subtracting the row mean changes nothing mathematically (the loss is shift invariant), but a
+    # non-finite logit then turns its whole row, loss and gradients, into NaN as SPEC.md requires.
+    s = s - s.mean(-1, keepdim=True)
+    t = t - t.mean(-1, keepdim=True)
+    c = s.shape[-1]
+    pairs = c * (c - 1) / 2
+
+    phi = torch.tanh(k * (s[:, :, None] - s[:, None, :]))
+    t_diff = t[:, :, None] - t[:, None, :]
+    w = torch.sign(t_diff) if hard_teacher else torch.tanh(k * t_diff)
+    tau = (phi * w).sum(dim=(1, 2)) / (2 * pairs)
+    return 1 - tau
