@@ -1,0 +1,42 @@
+"""Shared fixtures: every fast backend joins the same parametrized tests.
+
+Without a GPU, the Triton kernel runs under its interpreter on CPU tensors; TRITON_INTERPRET must be
+set before rkkd_kernels (and so the @triton.jit kernels) is imported.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import rkkd_kernels  # noqa: E402
+from rkkd_kernels import backends  # noqa: E402
+
+# (backend, device): each fast backend on the device it serves here.
+FAST_BACKENDS = [
+    ("cpu", "cpu"),
+    ("triton", "cuda" if torch.cuda.is_available() else "cpu"),
+    ("cuda", "cuda"),
+]
+
+
+def backend_params():
+    """pytest params for every fast backend; those absent here are skipped with the reason."""
+    params = []
+    for name, device in FAST_BACKENDS:
+        reason = None
+        if device == "cuda" and not torch.cuda.is_available():
+            reason = f"backend {name!r} needs a CUDA device; none here"
+        else:
+            reason = backends.why_unavailable(name, torch.device(device))
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param((name, device), id=f"{name}-{device}", marks=marks))
+    return params
+
+
+def interpreted(backend: str, device: str) -> bool:
+    """True when a backend runs under the Triton interpreter (slow: keep shapes small)."""
+    return backend == "triton" and device == "cpu"
