@@ -1,0 +1,426 @@
+"""The shared suite: every fast backend against the float64 reference, gradcheck, half types,
+invariances, bad input, NaN rows, torch.compile and determinism.
+
+Tolerances (float32 computation against the float64 truth):
+- loss: each pair term tanh * w is computed to a few float32 ulps of 1 (~1e-7 absolute, |term| <= 1),
+  and the mean over P pairs of such errors stays below 1e-6: LOSS_ATOL = 2e-6 on a value in [0, 2];
+- gradients: the fast kernels compute a pair's tanh to absolute (not relative) float32 precision:
+  the ratio form (a_i - a_j) / (a_i + a_j) with a = exp(2k x) rounds each a to a relative 6e-8. So
+  an entry, 4k/P times a sum of C - 1 such terms, is accurate to about 1e-7 of the largest value an
+  entry can take, 2k/C (each term is at most 1/4), even when every pair of a row is nearly tied and
+  the true gradient is far smaller. We allow 1e-5 of 2k/C (GRAD_RTOL); measured errors are 100x less.
+float64 inputs are computed in float64 and held to 1e-12 (loss) and 1e-10 of 2k/C.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import backend_params, interpreted
+from rkkd_kernels import KendallLoss, kendall_loss
+
+LOSS_ATOL = {torch.float32: 2e-6, torch.float64: 1e-12}
+GRAD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+BACKENDS = backend_params()
+
+
+def make_logits(shape, dtype=torch.float64, scale=3.0, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype).to(device)
+
+
+def loss_and_grads(student, teacher, backend, **kw):
+    """Per-row loss (reduction none) and the gradients of its sum, from fresh leaf copies."""
+    s = student.detach().clone().requires_grad_(True)
+    t = teacher.detach().clone().requires_grad_(True)
+    loss = kendall_loss(s, t, reduction="none", backend=backend, **kw)
+    gs, gt = torch.autograd.grad(loss.sum(), (s, t))
+    return loss.detach(), gs, gt
+
+
+def truth(student, teacher, **kw):
+    """The float64 ground truth: the reference backend on float64 copies (moved to the CPU)."""
+    return loss_and_grads(student.cpu().double(), teacher.cpu().double(), "reference", **kw)
+
+
+def assert_matches(actual, expected, dtype, k=1.0):
+    """Loss and both gradients against the truth; gradients relative to their scale 2k/C."""
+    loss, gs, gt = (x.cpu().double() for x in actual)
+    loss_t, gs_t, gt_t = expected
+    torch.testing.assert_close(loss, loss_t, atol=LOSS_ATOL[dtype], rtol=0)
+    channels = gs_t.shape[-1]
+    grad_atol = GRAD_RTOL[dtype] * 2 * k / channels
+    for got, want in ((gs, gs_t), (gt, gt_t)):
+        torch.testing.assert_close(got, want, atol=grad_atol, rtol=0)
+
+
+# Every combination the core issue names: C, k, soft/hard teacher.
+CASES = [(c, k, hard) for c in (2, 3, 17, 100, 1000, 1023) for k in (0.25, 1.0, 8.0) for hard in (False, True)]
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("c,k,hard", CASES, ids=[f"C{c}-k{k}-{'hard' if h else 'soft'}" for c, k, h in CASES])
+def test_matches_reference(backend_device, dtype, c, k, hard):
+    backend, device = backend_device
+    if interpreted(backend, device) and c > 100 and (k, hard) != (1.0, False):
+        pytest.skip("interpreter: large C only at k=1, soft teacher (the other k run at C <= 100)")
+    rows = 2 if c >= 1000 else 5
+    s = make_logits((rows, c), dtype, seed=c, device=device)
+    t = make_logits((rows, c), dtype, seed=c + 1, device=device)
+    assert_matches(loss_and_grads(s, t, backend, k=k, hard_teacher=hard), truth(s, t, k=k, hard_teacher=hard), dtype, k)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "scale,k",
+    [(100.0, 1.0), (100.0, 8.0), (30.0, 2.0), (1e-4, 1.0)],
+    ids=["mag100-k1", "mag100-k8", "mid-spread", "tiny-spread"],
+)
+def test_extreme_magnitudes(backend_device, dtype, scale, k):
+    """Large k * spread takes the guarded paths; a tiny spread must not lose the small tanh."""
+    backend, device = backend_device
+    s = make_logits((3, 37), dtype, scale=scale, seed=1, device=device) + 100.0
+    t = make_logits((3, 37), dtype, scale=scale, seed=2, device=device) - 100.0
+    for hard in (False, True):
+        assert_matches(loss_and_grads(s, t, backend, k=k, hard_teacher=hard), truth(s, t, k=k, hard_teacher=hard), dtype, k)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_leading_dims_and_strides(backend_device):
+    backend, device = backend_device
+    c = 19
+    base_s = make_logits((c, 3, 2, 2), seed=3, device=device)
+    base_t = make_logits((3, 2, c), seed=4, device=device)
+    s = base_s[..., 0].permute(1, 2, 0)  # (3, 2, C), non-contiguous
+    t = base_t
+    assert not s.is_contiguous()
+    loss, gs, gt = loss_and_grads(s, t, backend)
+    assert loss.shape == (3, 2) and gs.shape == s.shape and gt.shape == t.shape
+    expected = truth(s.reshape(-1, c), t.reshape(-1, c))
+    assert_matches((loss.reshape(-1), gs.reshape(-1, c), gt.reshape(-1, c)), expected, torch.float64)
+
+    # A broadcast (zero-stride) teacher: every row the same.
+    t_row = make_logits((c,), seed=5, device=device)
+    t_expanded = t_row.expand(6, c)
+    s2 = s.reshape(6, c)
+    out = kendall_loss(s2, t_expanded, backend=backend, reduction="none")
+    want = kendall_loss(s2, t_expanded.contiguous(), backend="reference", reduction="none")
+    torch.testing.assert_close(out.cpu(), want.cpu(), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("top_k", [2, 5, 20])
+@pytest.mark.parametrize("hard", [False, True])
+def test_top_k(backend_device, top_k, hard):
+    backend, device = backend_device
+    s = make_logits((4, 20), seed=6, device=device)
+    t = make_logits((4, 20), seed=7, device=device)
+    loss, gs, gt = loss_and_grads(s, t, backend, top_k=top_k, hard_teacher=hard)
+
+    # Independent of loss.py: pick the channels by hand and run the reference on them alone.
+    index = t.cpu().topk(top_k, dim=-1).indices
+    s_k = s.cpu().gather(-1, index).requires_grad_(True)
+    t_k = t.cpu().gather(-1, index).requires_grad_(True)
+    want = kendall_loss(s_k, t_k, hard_teacher=hard, backend="reference", reduction="none")
+    want_gs_k, want_gt_k = torch.autograd.grad(want.sum(), (s_k, t_k))
+    want_gs = torch.zeros_like(s.cpu()).scatter(-1, index, want_gs_k)
+    want_gt = torch.zeros_like(t.cpu()).scatter(-1, index, want_gt_k)
+    assert_matches((loss, gs, gt), (want.detach(), want_gs, want_gt), torch.float64)
+    outside = torch.ones_like(gs.cpu(), dtype=torch.bool).scatter(-1, index, False)
+    assert (gs.cpu()[outside] == 0).all() and (gt.cpu()[outside] == 0).all()
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_ties_and_constant_rows(backend_device):
+    backend, device = backend_device
+    c = 23
+    g = torch.Generator().manual_seed(8)
+    ties_s = torch.randint(0, 4, (3, c), generator=g).double()
+    ties_t = torch.randint(0, 3, (3, c), generator=g).double()
+    constant = torch.full((2, c), 1.5, dtype=torch.float64)
+    varied = make_logits((2, c), seed=9)
+    s = torch.cat([ties_s, constant, varied]).to(device)
+    t = torch.cat([ties_t, varied, constant]).to(device)
+    for hard in (False, True):
+        got = loss_and_grads(s, t, backend, hard_teacher=hard)
+        assert_matches(got, truth(s, t, hard_teacher=hard), torch.float64)
+        # A constant student or teacher row has tau = 0 exactly.
+        torch.testing.assert_close(got[0][3:].cpu(), torch.ones(4, dtype=torch.float64), atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("shape,hard,top_k", [((2, 5), False, None), ((3, 2, 4), True, None), ((2, 9), False, 4)])
+def test_gradcheck(backend_device, shape, hard, top_k):
+    backend, device = backend_device
+    s = make_logits(shape, seed=10, scale=1.0, device=device).requires_grad_(True)
+    t = make_logits(shape, seed=11, scale=1.0, device=device).requires_grad_(not hard)
+
+    def fn(s, t):
+        return kendall_loss(s, t, 1.3, hard_teacher=hard, top_k=top_k, reduction="none", backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (s, t))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("half,bits", [(torch.float16, 11), (torch.bfloat16, 8)], ids=["f16", "bf16"])
+def test_half_types(backend_device, half, bits):
+    """Half inputs are computed in float32 and only the results are rounded to the half type.
+
+    So against the float32 run on the same (already rounded) values, loss and gradients may differ
+    by the rounding of a float32 number to `bits` significant bits: a relative 2^-bits. Gradients of
+    float16 can also fall below its smallest normal (6.1e-5), where the spacing is 2^-24 absolute.
+    """
+    backend, device = backend_device
+    c = 33
+    s = make_logits((4, c), torch.float32, seed=12, device=device).to(half)
+    t = make_logits((4, c), torch.float32, seed=13, device=device).to(half)
+    got = loss_and_grads(s, t, backend)
+    want = loss_and_grads(s.float(), t.float(), backend)
+    assert all(x.dtype == half for x in got)
+    rel = 2.0**-bits
+    subnormal_step = 2.0**-24 if half == torch.float16 else 0.0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w, rtol=rel, atol=subnormal_step)
+    # The half results are also right against the float64 truth on the rounded inputs.
+    loss_t = truth(s, t)[0]
+    torch.testing.assert_close(got[0].double().cpu(), loss_t, rtol=rel, atol=LOSS_ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_reductions_and_module(backend_device):
+    backend, device = backend_device
+    s = make_logits((2, 3, 11), seed=14, device=device)
+    t = make_logits((2, 3, 11), seed=15, device=device)
+    none = kendall_loss(s, t, backend=backend, reduction="none")
+    assert none.shape == (2, 3)
+    torch.testing.assert_close(kendall_loss(s, t, backend=backend, reduction="sum"), none.sum())
+    torch.testing.assert_close(kendall_loss(s, t, backend=backend), none.mean())
+    module = KendallLoss(k=1.0, reduction="none", backend=backend)
+    torch.testing.assert_close(module(s, t), none, atol=0, rtol=0)
+    assert "k=1.0" in repr(module)
+    assert ((none >= 0) & (none <= 2)).all()
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_gradient_only_where_required(backend_device):
+    backend, device = backend_device
+    s = make_logits((3, 8), seed=16, device=device).requires_grad_(True)
+    t = make_logits((3, 8), seed=17, device=device)
+    kendall_loss(s, t, backend=backend).backward()
+    assert s.grad is not None and t.grad is None
+    s2 = s.detach().clone()
+    t2 = t.clone().requires_grad_(True)
+    kendall_loss(s2, t2, backend=backend).backward()
+    assert t2.grad is not None and s2.grad is None
+    with torch.no_grad():
+        assert kendall_loss(s, t, backend=backend).grad_fn is None
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_mixed_dtypes_promote(backend_device):
+    backend, device = backend_device
+    s = make_logits((2, 9), torch.float32, seed=18, device=device).requires_grad_(True)
+    t = make_logits((2, 9), torch.float64, seed=19, device=device)
+    out = kendall_loss(s, t, backend=backend)
+    assert out.dtype == torch.float64
+    out.backward()
+    assert s.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_empty_batch(backend_device):
+    backend, device = backend_device
+    s = torch.zeros((0, 5), dtype=torch.float32, device=device, requires_grad=True)
+    t = torch.zeros((0, 5), dtype=torch.float32, device=device)
+    assert kendall_loss(s, t, backend=backend, reduction="none").shape == (0,)
+    out = kendall_loss(s, t, backend=backend, reduction="sum")
+    out.backward()
+    assert out.item() == 0 and s.grad.shape == (0, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariances of SPEC.md, as property tests (float64 inputs, so the tolerance is float64's).
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def logit_pairs(draw):
+    rows = draw(st.integers(1, 3))
+    c = draw(st.integers(2, 24))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from([0.1, 1.0, 5.0, 40.0]))
+    k = draw(st.floats(0.1, 10.0))
+    shift = draw(st.floats(-1e3, 1e3))
+    return make_logits((rows, c), seed=seed, scale=scale), make_logits((rows, c), seed=seed + 1, scale=scale), k, shift
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@SETTINGS
+@given(data=logit_pairs())
+def test_property_shift_invariance(backend_device, data):
+    backend, device = backend_device
+    s, t, k, shift = data
+    s, t = s.to(device), t.to(device)
+    base = kendall_loss(s, t, k, reduction="none", backend=backend)
+    torch.testing.assert_close(kendall_loss(s + shift, t, k, reduction="none", backend=backend), base, atol=1e-9, rtol=0)
+    torch.testing.assert_close(kendall_loss(s, t - shift, k, reduction="none", backend=backend), base, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@SETTINGS
+@given(data=logit_pairs())
+def test_property_symmetry_bounds_and_reversal(backend_device, data):
+    backend, device = backend_device
+    s, t, k, _ = data
+    s, t = s.to(device), t.to(device)
+    soft = kendall_loss(s, t, k, reduction="none", backend=backend)
+    torch.testing.assert_close(kendall_loss(t, s, k, reduction="none", backend=backend), soft, atol=1e-12, rtol=0)
+    assert ((soft >= 0) & (soft <= 2)).all()
+    # Reversing the student's order flips the sign of tau: loss(-s) = 2 - loss(s).
+    for hard in (False, True):
+        forward = kendall_loss(s, t, k, hard_teacher=hard, reduction="none", backend=backend)
+        reversed_ = kendall_loss(-s, t, k, hard_teacher=hard, reduction="none", backend=backend)
+        torch.testing.assert_close(forward + reversed_, torch.full_like(forward, 2.0), atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and non-finite logits.
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_bad_input_errors(backend_device):
+    backend, device = backend_device
+    s = make_logits((2, 5), device=device)
+    t = make_logits((2, 5), device=device)
+    cases = [
+        (ValueError, (s, t[:, :4]), {}),
+        (ValueError, (s[:, :1], t[:, :1]), {}),
+        (ValueError, (s[0, 0], t[0, 0]), {}),
+        (ValueError, (s, t), {"top_k": 1}),
+        (ValueError, (s, t), {"top_k": 6}),
+        (ValueError, (s, t), {"top_k": 2.5}),
+        (ValueError, (s, t), {"k": 0.0}),
+        (ValueError, (s, t), {"k": -1.0}),
+        (ValueError, (s, t), {"k": math.inf}),
+        (ValueError, (s, t), {"k": math.nan}),
+        (ValueError, (s, t), {"reduction": "avg"}),
+        (ValueError, (s, t), {"backend": "fastest"}),
+        (TypeError, (s.long(), t), {}),
+        (TypeError, (s, t.int()), {}),
+        (TypeError, (s, t.bool()), {}),
+    ]
+    if device == "cuda":
+        cases.append((ValueError, (s, t.cpu()), {}))
+    for error, args, kwargs in cases:
+        with pytest.raises(error):
+            kendall_loss(*args, **{"backend": backend, **kwargs})
+    with pytest.raises(ValueError):
+        KendallLoss(k=-2.0)
+    with pytest.raises(ValueError):
+        KendallLoss(reduction="avg")
+
+
+def test_devices_differ_and_unavailable_backends():
+    s = make_logits((2, 5))
+    meta = torch.empty((2, 5), device="meta")
+    with pytest.raises(ValueError, match="different devices"):
+        kendall_loss(s, meta)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="not available"):
+            kendall_loss(s, s, backend="cuda")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(RuntimeError, match="triton"):
+            kendall_loss(s, s, backend="triton")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_non_finite_rows_are_nan(backend_device, bad, where, top_k):
+    backend, device = backend_device
+    s = make_logits((3, 10), device=device)
+    t = make_logits((3, 10), seed=1, device=device)
+    target = s if where == "student" else t
+    # Channel 0 of the teacher's ordering might fall outside top_k: put the bad value where the
+    # teacher is smallest, so that with top_k it is *not* among the kept channels.
+    col = int(t[1].argmin())
+    target[1, col] = bad
+    loss, gs, gt = loss_and_grads(s, t, backend, top_k=top_k)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    kept = t[1].topk(top_k).indices if top_k else torch.arange(10, device=device)
+    assert torch.isnan(gs[1, kept]).all() and torch.isnan(gt[1, kept]).all()
+    assert torch.isfinite(gs[[0, 2]]).all() and torch.isfinite(gt[[0, 2]]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile, the custom op's registration, determinism.
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("hard,top_k", [(False, None), (True, 4)])
+def test_torch_compile_fullgraph(backend_device, hard, top_k):
+    backend, device = backend_device
+    torch._dynamo.reset()
+    # Inductor compiles the surrounding graph; under the Triton interpreter there is no GPU for
+    # Inductor's own kernels, so there the graph (fake tensors, autograd) runs through aot_eager.
+    compiler = "aot_eager" if interpreted(backend, device) else "inductor"
+
+    def forward(s, t):
+        return kendall_loss(s, t, 2.0, hard_teacher=hard, top_k=top_k, backend=backend)
+
+    compiled = torch.compile(forward, fullgraph=True, backend=compiler)
+    s = make_logits((4, 12), torch.float32, seed=20, device=device)
+    t = make_logits((4, 12), torch.float32, seed=21, device=device)
+    s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    eager_loss = forward(s1, t)
+    eager_loss.backward()
+    compiled_loss = compiled(s2, t)
+    compiled_loss.backward()  # AOTAutograd's compiled backward
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(s2.grad, s1.grad, atol=1e-8, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_deterministic(backend_device):
+    backend, device = backend_device
+    s = make_logits((6, 130), torch.float32, seed=22, device=device)
+    t = make_logits((6, 130), torch.float32, seed=23, device=device)
+    first = loss_and_grads(s, t, backend)
+    second = loss_and_grads(s, t, backend)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_cpu_result_does_not_depend_on_thread_count():
+    s = make_logits((8, 300), torch.float32, seed=24)
+    t = make_logits((8, 300), torch.float32, seed=25)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = loss_and_grads(s, t, "cpu")
+        torch.set_num_threads(max(2, threads))
+        many = loss_and_grads(s, t, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, False)])
+def test_opcheck_cpu_op(dtype, need):
+    s = make_logits((3, 7), dtype)
+    t = make_logits((3, 7), dtype, seed=1)
+    torch.library.opcheck(torch.ops.rkkd.kendall.default, (s, t, 1.5, False, *need))
