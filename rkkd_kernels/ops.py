@@ -73,6 +73,10 @@ def _scale_saved(grad_loss: torch.Tensor, saved: torch.Tensor, dtype: torch.dtyp
 
 
 def _backward(ctx, grad_loss, _grad_of_grad_s, _grad_of_grad_t):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True: the saved gradients carry no graph back to the inputs, so a second
+        # derivative would come out silently wrong; refuse instead.
+        raise RuntimeError("rkkd::kendall does not support double backward (create_graph=True)")
     grad_s, grad_t = ctx.saved_tensors
     ds = dt = None
     if ctx.needs_input_grad[0]:

@@ -424,3 +424,30 @@ def test_opcheck_cpu_op(dtype, need):
     s = make_logits((3, 7), dtype)
     t = make_logits((3, 7), dtype, seed=1)
     torch.library.opcheck(torch.ops.rkkd.kendall.default, (s, t, 1.5, False, *need))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_double_backward_is_refused(backend_device):
+    """The op saves first derivatives only; a second derivative must fail loudly, not come out 0."""
+    backend, device = backend_device
+    s = make_logits((2, 6), device=device).requires_grad_(True)
+    t = make_logits((2, 6), seed=1, device=device)
+    loss = kendall_loss(s, t, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, s, create_graph=True)
+
+
+@pytest.mark.parametrize("backend_device", [p for p in BACKENDS if p.values[0][1] == "cuda"])
+def test_no_host_device_sync(backend_device):
+    """SPEC: no check (NaN rows included) forces a host-device synchronisation."""
+    backend, device = backend_device
+    s = make_logits((4, 50), torch.float32, device=device).requires_grad_(True)
+    t = make_logits((4, 50), torch.float32, seed=1, device=device)
+    t[1, 3] = math.nan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for top_k in (None, 10):
+            kendall_loss(s, t, backend=backend, top_k=top_k).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
