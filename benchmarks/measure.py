@@ -1,0 +1,301 @@
+"""One measurement: the inputs, a provider's loss, its run time and its peak extra memory.
+
+These functions run inside a worker child process (``benchmarks/worker.py``), never in the process
+that draws the plots, so that the resident-set figures only see the loss itself.
+
+Providers:
+    reference            ``kendall_loss(..., backend="reference")`` run eagerly (materializes C x C)
+    reference_compiled   the same function under ``torch.compile(fullgraph=True, dynamic=False)``
+    cpu, triton, cuda    the fused backends
+
+Modes (the student requires grad and the teacher is detached, as in distillation):
+    forward              the training forward: the loss, with its autograd graph
+    backward             the gradient of a loss whose forward ran just before, untimed (a graph
+                         cannot be run backward twice: the compiled one donates its buffers)
+    forward+backward     both, as one training step of the loss
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from rkkd_kernels import kendall_loss
+
+STEEPNESS = 1.0  # k of the loss in every benchmark
+MODES = ("forward", "backward", "forward+backward")
+REFERENCE_PROVIDERS = ("reference", "reference_compiled")
+DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What to measure: one provider on one input shape, for some modes."""
+
+    provider: str
+    device: str
+    dtype: str
+    batch: int
+    classes: int
+    top_k: Optional[int]
+    modes: Sequence[str]
+    min_run_time_s: float = 0.25
+    min_reps: int = 3
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------- inputs, loss
+def make_inputs(batch: int, classes: int, dtype: str, device: str, seed: int):
+    """Standard normal logits (the same for every provider): a student that requires grad and a
+    detached teacher."""
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, classes, generator=generator)
+    teacher = torch.randn(batch, classes, generator=generator)
+    student = student.to(device=device, dtype=DTYPES[dtype]).requires_grad_()
+    teacher = teacher.to(device=device, dtype=DTYPES[dtype])
+    return student, teacher
+
+
+def loss_function(provider: str, top_k: Optional[int]) -> LossFn:
+    """The provider's loss, always called through the public ``kendall_loss``."""
+    backend = "reference" if provider in REFERENCE_PROVIDERS else provider
+
+    def loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return kendall_loss(student, teacher, STEEPNESS, top_k=top_k, backend=backend)
+
+    if provider == "reference_compiled":
+        # A fresh compilation per shape: static shapes give Inductor its best case, and the compile
+        # time of each cell is then its own.
+        torch._dynamo.reset()
+        return torch.compile(loss, fullgraph=True, dynamic=False)
+    return loss
+
+
+def mode_callable(mode: str, loss_fn: LossFn, student: torch.Tensor, teacher: torch.Tensor):
+    """A no-argument function that runs "forward" or "forward+backward" once."""
+    if mode == "forward":
+        return lambda: loss_fn(student, teacher)
+    if mode == "forward+backward":
+        return lambda: torch.autograd.grad(loss_fn(student, teacher), student)
+    raise ValueError(f"mode_callable runs forward or forward+backward, not {mode!r}")
+
+
+# ------------------------------------------------------------------------------------------ timing
+@dataclass
+class Timing:
+    median_ms: float
+    iqr_ms: float
+    samples: int
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def wall_seconds(fn: Callable[[], Any], device: str) -> float:
+    """Wall time of one call, device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_cpu(fn: Callable[[], Any], once_s: float, min_run_time_s: float, min_reps: int) -> Timing:
+    """torch.utils.benchmark on all of torch's threads (its Timer defaults to one thread).
+
+    ``blocked_autorange`` runs blocks of calls until ``min_run_time`` has passed; a slow call gets
+    a run time of ``min_reps`` calls, so that even the eager reference has several samples.
+    """
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=max(min_run_time_s, min_reps * once_s))
+    return Timing(measurement.median * 1e3, measurement.iqr * 1e3, len(measurement.times))
+
+
+def time_cuda(fn: Callable[[], Any], once_s: float, min_run_time_s: float, min_reps: int) -> Timing:
+    """CUDA events around each call, the L2 cache flushed in between (as triton's do_bench does)."""
+    reps = max(min_reps, min(2000, int(min_run_time_s / max(once_s, 1e-6))))
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    for _ in range(min(reps, 10)):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = torch.tensor([start.elapsed_time(end) for start, end in zip(starts, ends)])
+    q25, q50, q75 = torch.quantile(times.double(), torch.tensor([0.25, 0.5, 0.75]).double())
+    return Timing(float(q50), float(q75 - q25), reps)
+
+
+def time_calls(fn, device: str, once_s: float, min_run_time_s: float, min_reps: int) -> Timing:
+    if device.startswith("cuda"):
+        return time_cuda(fn, once_s, min_run_time_s, min_reps)
+    return time_cpu(fn, once_s, min_run_time_s, min_reps)
+
+
+def time_backward(loss_fn: LossFn, student: torch.Tensor, teacher: torch.Tensor, device: str,
+                  min_run_time_s: float, min_reps: int, max_reps: int = 500) -> Timing:
+    """The backward alone: each sample runs a fresh forward (untimed), then times the gradient.
+
+    A plain loop of single calls (perf_counter on the CPU, CUDA events on a GPU), because a timed
+    block of torch.utils.benchmark cannot leave out the forward that each backward needs.
+    """
+    cuda = device.startswith("cuda")
+    times_s: List[float] = []
+    start_wall = time.perf_counter()
+    while len(times_s) < max_reps and (
+        len(times_s) < min_reps or time.perf_counter() - start_wall < min_run_time_s
+    ):
+        loss = loss_fn(student, teacher)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            torch.autograd.grad(loss, student)
+            end.record()
+            torch.cuda.synchronize()
+            times_s.append(start.elapsed_time(end) / 1e3)
+        else:
+            times_s.append(wall_seconds(lambda: torch.autograd.grad(loss, student), device))
+        del loss
+    samples = torch.tensor(times_s, dtype=torch.float64)
+    q25, q50, q75 = torch.quantile(samples, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return Timing(float(q50) * 1e3, float(q75 - q25) * 1e3, len(times_s))
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # the kernel reports kB
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+class PeakExtraMemory:
+    """Peak memory above the level at ``start()``, in MB (2**20 bytes).
+
+    CPU: the resident set. Writing "5" to /proc/self/clear_refs resets the kernel's high-water mark
+    (VmHWM) to the current resident set, so one process can measure one call after another. The
+    worker that uses this runs with glibc's mmap threshold lowered (see worker.py), so that freed
+    buffers go back to the system instead of being reused unseen by the next call.
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset of the peak statistics.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.base_mb = 0.0
+
+    def start(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base_mb = torch.cuda.memory_allocated() / 2**20
+        else:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")
+            self.base_mb = _proc_status_mb("VmRSS")
+
+    def stop(self) -> float:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20 - self.base_mb
+        return max(0.0, _proc_status_mb("VmHWM") - self.base_mb)
+
+
+# ----------------------------------------------------------------------------- the two measurements
+def _first_call(spec: Spec):
+    """Inputs, the loss, and one forward+backward: compiles, loads kernels, starts thread pools."""
+    student, teacher = make_inputs(spec.batch, spec.classes, spec.dtype, spec.device, spec.seed)
+    loss_fn = loss_function(spec.provider, spec.top_k)
+    holder: List[torch.Tensor] = []
+
+    def first() -> None:
+        loss = loss_fn(student, teacher)
+        torch.autograd.grad(loss, student)
+        holder.append(loss.detach())
+
+    first_s = wall_seconds(first, spec.device)
+    return student, teacher, loss_fn, first_s, float(holder[0].float())
+
+
+def measure_times(spec: Spec) -> Dict[str, Any]:
+    """Median and IQR per mode; for the compiled reference also the compile time.
+
+    compile_s = (first forward+backward) - (the second one): what compiling both graphs cost.
+    """
+    student, teacher, loss_fn, first_s, loss_value = _first_call(spec)
+    after_first_s = wall_seconds(mode_callable("forward+backward", loss_fn, student, teacher), spec.device)
+    result: Dict[str, Any] = {
+        "loss_value": loss_value,
+        "compile_s": max(0.0, first_s - after_first_s) if spec.provider == "reference_compiled" else None,
+        "modes": {},
+    }
+    for mode in spec.modes:
+        if mode == "backward":
+            timing = time_backward(loss_fn, student, teacher, spec.device, spec.min_run_time_s,
+                                   spec.min_reps)
+        else:
+            fn = mode_callable(mode, loss_fn, student, teacher)
+            once_s = wall_seconds(fn, spec.device)  # warm-up, and how many calls fit the run time
+            timing = time_calls(fn, spec.device, once_s, spec.min_run_time_s, spec.min_reps)
+            del fn
+        result["modes"][mode] = timing.__dict__
+    return result
+
+
+def measure_memory(spec: Spec) -> Dict[str, Any]:
+    """Peak extra memory of one call per mode, after a warm-up call.
+
+    The inputs (and, for "backward", the loss with its graph) exist before the measurement starts;
+    what the call allocates on top of them (intermediates, saved tensors, gradients) is counted.
+    """
+    student, teacher, loss_fn, _, _ = _first_call(spec)
+    peak = PeakExtraMemory(spec.device)
+    modes: Dict[str, float] = {}
+    for mode in spec.modes:
+        if mode == "backward":
+            loss = loss_fn(student, teacher)
+            fn = lambda: torch.autograd.grad(loss, student)  # noqa: E731
+        else:
+            fn = mode_callable(mode, loss_fn, student, teacher)
+        peak.start()
+        fn()
+        modes[mode] = peak.stop()
+        del fn
+        loss = None
+    return {"modes": modes}
+
+
+def pairs_per_row(classes: int, top_k: Optional[int]) -> int:
+    n = top_k if top_k is not None else classes
+    return n * (n - 1) // 2
+
+
+def cxc_bytes(batch: int, classes: int, top_k: Optional[int], dtype: str) -> int:
+    """Bytes of one rows x n x n matrix in the reference's accumulation dtype (n = top_k or C)."""
+    n = top_k if top_k is not None else classes
+    element = 8 if dtype == "float64" else 4  # the reference accumulates half types in float32
+    return batch * n * n * element
+
+
+def is_finite(x: Optional[float]) -> bool:
+    return x is not None and math.isfinite(x)
