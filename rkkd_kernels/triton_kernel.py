@@ -1,3 +1,543 @@
-"""Placeholder until the Triton issue lands: importing it fails, so backends reports Triton absent."""
+"""The Triton backend: op ``rkkd::kendall_triton``, the loss and both gradients in one pass.
 
-raise ImportError("the Triton kernel is not written yet")
+Importing this module registers ``rkkd::kendall_triton`` (schema ``ops.SCHEMA``, autograd
+``ops.register_autograd``); an ImportError (no Triton) tells ``backends`` that Triton is absent.
+
+Design
+------
+*Forward writes the gradients* (not "backward recomputes"). The pass that sums tau already forms
+tanh of every student and teacher pair, and the two gradient terms reuse exactly those values, so
+writing them costs a few multiply-adds per pair; recomputing them in a backward kernel would visit
+all C^2 / 2 pairs a second time. What is stored for the backward is only O(rows * C) (the gradients
+themselves), and the backward is the shared multiplication by grad_output of ``ops.py``.
+
+*Work split.* A row's pairs are cut into square BLOCK x BLOCK tiles; only tiles (ti, tj) with
+tj >= ti are visited, and inside the diagonal tile only j > i, so each unordered pair is visited
+once. Program (row, split) takes whole tile-rows ti (its i-tiles, given out to the row's splits in
+snake order so that long and short tile-rows balance) and streams their tiles tj = ti .. T-1:
+
+- the i-side sums (tau, d/ds_i, d/dt_i of the tile-row) stay in registers;
+- the j-side sums (each pair's term is subtracted from j) are added, tile by tile, into a partial
+  gradient row that belongs to this program alone. No atomics: one program owns each partial row
+  and updates it in a fixed order, so results are bitwise reproducible.
+
+Usually there is one split per row (rows >= number of SMs); the partial row is then the output row
+itself and the same program scales it at the end (one launch). With few rows, each row gets up to
+MAX_SPLITS splits so that every SM has work; splits > 0 write scratch rows, and a second kernel
+adds the partial rows in split order (a fixed-order two-stage reduction) and scales them. The
+scratch holds (splits - 1) * rows < SMs rows of C, so extra memory stays O(rows * C).
+
+*tanh of a pair, exactly for every spread.* Per row, with centre c = (max + min) / 2 and
+a_i = exp(2k (x_i - c)) (one exp per element and tile, not per pair):
+
+    tanh(k (x_i - x_j)) = p - q,   (1 - tanh^2) / 4 = p * q,   p = a_i / (a_i + a_j), q = a_j / (a_i + a_j)
+
+One division per pair and tensor, no cancellation where tanh saturates (p * q stays accurate where
+1 - tanh^2 would round to 0). It is exact while k * (max - min) <= 80 (float32) or 700 (float64),
+where every a_i is a normal number and a_i + a_j cannot overflow. Rows beyond that take the direct
+form, tanh(d) = sign(d) (1 - e) / (1 + e) with e = exp(-2|d|) in (0, 1], which cannot overflow
+either; the choice is one uniform branch per row, taken inside the kernel (no host sync). This is
+the same split as the CPU kernel (csrc/pair_math.h); the ratio form is also what makes the GPU fast
+(one MUFU reciprocal per pair and tensor, no libdevice tanh, no tanh.approx error), and the
+interpreter, which has no libdevice, runs the very same code.
+
+Rows holding a non-finite logit skip the pair loop and get NaN loss and gradients (a hard teacher's
+zero gradient stays zero).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from typing import Dict, List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import ops
+from .reference import accumulation_dtype
+
+OP_NAME = "rkkd::kendall_triton"
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Largest k * (max - min) of a row that the ratio form serves exactly (see csrc/pair_math.h).
+RATIO_MAX_SPREAD = {torch.float32: 80.0, torch.float64: 700.0}
+
+# At most this many programs share one row (the finalize kernel adds their partial rows).
+MAX_SPLITS = 64
+# A split gets at least this many columns (a few tile-rows), or the split's fixed costs (row range,
+# zeroing its partial row) would outweigh its share of the pairs.
+MIN_COLUMNS_PER_SPLIT = 16 if INTERPRETING else 256
+# The interpreter has no SMs; this stands in so that small test inputs exercise multi-split rows.
+INTERPRETER_PROGRAMS = 4
+
+FINALIZE_BLOCK = 16 if INTERPRETING else 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Pair math (the Triton copy of csrc/pair_math.h)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _reciprocal(x, FAST_RCP: tl.constexpr):
+    """1 / x; FAST_RCP (GPU, float32): one MUFU rcp.approx (1 ulp), not div.full's range fix-ups.
+
+    The ratio form only takes reciprocals of a_i + a_j in [2 exp(-80), 2 exp(80)], normal numbers
+    far from rcp.approx's denormal and overflow edges.
+    """
+    if FAST_RCP:
+        r = tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        r = 1.0 / x
+    return r
+
+
+@triton.jit
+def _tanh_pair(u_i, u_j, k, RATIO: tl.constexpr, FAST_RCP: tl.constexpr):
+    """tanh(k (x_i - x_j)) and (1 - tanh^2) / 4 of a tile of pairs.
+
+    RATIO: u = exp(2k (x - centre)) and the ratio form; else u = x and the direct form.
+    """
+    if RATIO:
+        inv = _reciprocal(u_i + u_j, FAST_RCP)
+        p = u_i * inv
+        q = u_j * inv
+        th = p - q
+        quarter_sech2 = p * q
+    else:
+        d = k * (u_i - u_j)
+        e = tl.exp(-2.0 * tl.abs(d))  # in (0, 1]; underflows to 0 where tanh saturates
+        inv = 1.0 / (1.0 + e)
+        th = (1.0 - e) * inv
+        th = tl.where(d < 0, -th, th)
+        quarter_sech2 = e * inv * inv
+    return th, quarter_sech2
+
+
+@triton.jit
+def _sign(x):
+    """sign(x) with sign(0) = 0, in x's dtype: the hard teacher's weight."""
+    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+@triton.jit
+def _load_tile(row_ptr, offs, C, centre, ACC: tl.constexpr):
+    """A tile of a row in the accumulation dtype; lanes past C hold the row centre (finite)."""
+    inside = offs < C
+    x = tl.load(row_ptr + offs, mask=inside, other=0.0).to(ACC)
+    return tl.where(inside, x, centre)
+
+
+@triton.jit
+def _ratio_weights(x, centre, two_k, RATIO: tl.constexpr):
+    """exp(2k (x - centre)) for the ratio form; x itself for the direct form."""
+    if RATIO:
+        u = tl.exp(two_k * (x - centre))
+    else:
+        u = x
+    return u
+
+
+@triton.jit
+def _add_into(row_ptr, offs, C, delta):
+    """row[offs] += delta on this program's own partial row.
+
+    Several threads may load and store one element (replicated layouts), and warps drift apart: the
+    first barrier makes every earlier store visible before anyone reads, the second makes every
+    read happen before anyone writes. Barriers are no-ops under the interpreter.
+    """
+    inside = offs < C
+    tl.debug_barrier()
+    old = tl.load(row_ptr + offs, mask=inside, other=0.0)
+    tl.debug_barrier()
+    tl.store(row_ptr + offs, old + delta, mask=inside)
+
+
+@triton.jit
+def _row_range(row_ptr, C, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """(min, max, any non-finite) of one row, over its finite entries."""
+    offs = tl.arange(0, BLOCK)
+    lo = tl.full([BLOCK], float("inf"), ACC)
+    hi = tl.full([BLOCK], float("-inf"), ACC)
+    n_bad = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, C, BLOCK):
+        cols = start + offs
+        inside = cols < C
+        x = tl.load(row_ptr + cols, mask=inside, other=0.0).to(ACC)
+        finite = tl.abs(x) < float("inf")  # False for NaN and for +-inf
+        n_bad += tl.where(inside & (finite == 0), 1, 0)
+        lo = tl.minimum(lo, tl.where(inside & finite, x, float("inf")))
+        hi = tl.maximum(hi, tl.where(inside & finite, x, float("-inf")))
+    return tl.min(lo, axis=0), tl.max(hi, axis=0), tl.sum(n_bad, axis=0) > 0
+
+
+@triton.jit
+def _tile_pair(
+    us_i, ut_i, cols_i, tj, tau_acc, gs_acc, gt_acc,
+    s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, k, two_k,
+    ACC: tl.constexpr, HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
+    RATIO: tl.constexpr, MASKED: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One tile (ti, tj) of pairs: i-side terms into the register tiles, j-side into the row.
+
+    MASKED (the diagonal tile and the last, partial one): only pairs j > i, j < C count. Interior
+    tiles skip the per-pair mask.
+    """
+    cols_j = tj * BLOCK + tl.arange(0, BLOCK)
+    us_j = _ratio_weights(_load_tile(s_row, cols_j, C, s_centre, ACC), s_centre, two_k, RATIO)
+    ut_j = _load_tile(t_row, cols_j, C, t_centre, ACC)
+    th_s, qs_s = _tanh_pair(us_i[:, None], us_j[None, :], k, RATIO, FAST_RCP)
+    if HARD:
+        w = _sign(ut_i[:, None] - ut_j[None, :])
+        qs_t = w  # unused: a hard teacher has no gradient
+    else:
+        ut_j = _ratio_weights(ut_j, t_centre, two_k, RATIO)
+        w, qs_t = _tanh_pair(ut_i[:, None], ut_j[None, :], k, RATIO, FAST_RCP)
+    if MASKED:
+        # j > i also drops every lane past C on the i side (j < C <= i there).
+        valid = (cols_j[None, :] > cols_i[:, None]) & (cols_j[None, :] < C)
+        w = tl.where(valid, w, 0.0)
+        qs_t = tl.where(valid, qs_t, 0.0)
+    tau_acc += th_s * w
+    if NEED_GS:
+        term = qs_s * w
+        gs_acc += term
+        _add_into(gs_row, cols_j, C, -tl.sum(term, axis=0))
+    if NEED_GT:
+        term = th_s * qs_t
+        gt_acc += term
+        _add_into(gt_row, cols_j, C, -tl.sum(term, axis=0))
+    return tau_acc, gs_acc, gt_acc
+
+
+@triton.jit
+def _tile_row(
+    s_row, t_row, gs_row, gt_row, ti, C,
+    s_centre, t_centre, k, two_k,
+    ACC: tl.constexpr, HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
+    RATIO: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Tiles (ti, tj), tj = ti .. n_tiles-1, of one row; returns their share of P * tau.
+
+    The i-side sums build up in BLOCK x BLOCK register tiles (adds only: reducing every tile along
+    j would cost warp shuffles per pair) and go into the partial rows once, at tile ti; the j-side
+    sums go in at each tile tj as it is done.
+    """
+    cols_i = ti * BLOCK + tl.arange(0, BLOCK)
+    us_i = _ratio_weights(_load_tile(s_row, cols_i, C, s_centre, ACC), s_centre, two_k, RATIO)
+    ut_i = _load_tile(t_row, cols_i, C, t_centre, ACC)
+    if not HARD:
+        ut_i = _ratio_weights(ut_i, t_centre, two_k, RATIO)
+    tau_acc = tl.zeros([BLOCK, BLOCK], ACC)
+    gs_acc = tl.zeros([BLOCK, BLOCK], ACC)
+    gt_acc = tl.zeros([BLOCK, BLOCK], ACC)
+    n_tiles = tl.cdiv(C, BLOCK)
+    n_full_tiles = C // BLOCK
+    tau_acc, gs_acc, gt_acc = _tile_pair(
+        us_i, ut_i, cols_i, ti, tau_acc, gs_acc, gt_acc,
+        s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, k, two_k,
+        ACC, HARD, NEED_GS, NEED_GT, RATIO, True, FAST_RCP, BLOCK)
+    for tj in range(ti + 1, n_full_tiles):
+        tau_acc, gs_acc, gt_acc = _tile_pair(
+            us_i, ut_i, cols_i, tj, tau_acc, gs_acc, gt_acc,
+            s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, k, two_k,
+            ACC, HARD, NEED_GS, NEED_GT, RATIO, False, FAST_RCP, BLOCK)
+    if (n_full_tiles < n_tiles) & (ti < n_tiles - 1):
+        tau_acc, gs_acc, gt_acc = _tile_pair(
+            us_i, ut_i, cols_i, n_tiles - 1, tau_acc, gs_acc, gt_acc,
+            s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, k, two_k,
+            ACC, HARD, NEED_GS, NEED_GT, RATIO, True, FAST_RCP, BLOCK)
+    if NEED_GS:
+        _add_into(gs_row, cols_i, C, tl.sum(gs_acc, axis=1))
+    if NEED_GT:
+        _add_into(gt_row, cols_i, C, tl.sum(gt_acc, axis=1))
+    return tl.sum(tl.sum(tau_acc, axis=1), axis=0)
+
+
+@triton.jit
+def _scale_row(row_ptr, C, scale, bad, BLOCK: tl.constexpr):
+    """row *= scale in place (NaN for a row with a non-finite logit)."""
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, C, BLOCK):
+        cols = start + offs
+        inside = cols < C
+        g = tl.load(row_ptr + cols, mask=inside, other=0.0)
+        tl.store(row_ptr + cols, tl.where(bad, float("nan"), g * scale), mask=inside)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def _configs() -> List[triton.Config]:
+    if INTERPRETING:
+        # One small tile: autotuning would only cost time, and BLOCK = 16 gives even small test
+        # rows (C of 17, 33, 100) several tiles, so the tile triangle and the masks are exercised.
+        return [triton.Config({"BLOCK": 16}, num_warps=1, num_stages=1)]
+    # Tiles of 32 or 64 with 4 to 16 pairs per thread: the pair math holds about a dozen values
+    # per pair in registers, so 128-wide tiles or fewer warps spill (checked by compiling for sm_90:
+    # 64 x 64 with 8 warps uses ~190 registers, with 16 warps ~110-128). num_stages=1: the loop
+    # loads two BLOCK-vectors per BLOCK^2 pairs, nothing worth pipelining, and no pipeliner may hoist
+    # a partial-row load above the previous tile's store.
+    return [
+        triton.Config({"BLOCK": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK": 32}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK": 64}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK": 64}, num_warps=16, num_stages=1),
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles wider than half the row (C = 40 has no use for 64 x 64 tiles)."""
+    widest = max(32, triton.next_power_of_2(int(named_args["C"])) // 2)
+    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK"] <= widest]
+    return kept or configs[:1]
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["C", "HARD", "NEED_GS", "NEED_GT", "FUSED_FINALIZE", "FAST_RCP"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _kendall_pairs_kernel(
+    s_ptr, t_ptr, s_stride_row, t_stride_row,
+    loss_ptr, gs_ptr, gt_ptr, gs_scratch_ptr, gt_scratch_ptr, tau_scratch_ptr,
+    rows, C, k_hi, k_lo, ratio_limit,
+    HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
+    FUSED_FINALIZE: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program (row, split): the split's tile-rows of one row; see the module docstring.
+
+    FUSED_FINALIZE (one split per row): writes the loss and scales the gradient rows in place.
+    Otherwise: leaves this split's tau in tau_scratch and its unscaled partial gradient row in the
+    output (split 0) or in the scratch rows (split s > 0 at scratch row (s - 1) * rows + row).
+    """
+    ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    # k arrives as float32 halves k_hi + k_lo (Triton passes Python floats as float32): ~48 bits.
+    zero = tl.zeros([1], ACC)
+    k = tl.sum(zero + k_hi, axis=0) + tl.sum(zero + k_lo, axis=0)
+    two_k = 2.0 * k
+
+    s_row = s_ptr + row * s_stride_row
+    t_row = t_ptr + row * t_stride_row
+    if split == 0:
+        gs_row = gs_ptr + row * C
+        gt_row = gt_ptr + row * C
+    else:
+        scratch_row = ((split - 1) * rows + row).to(tl.int64)
+        gs_row = gs_scratch_ptr + scratch_row * C
+        gt_row = gt_scratch_ptr + scratch_row * C
+
+    s_lo, s_hi, s_bad = _row_range(s_row, C, ACC, BLOCK)
+    t_lo, t_hi, t_bad = _row_range(t_row, C, ACC, BLOCK)
+    bad = s_bad | t_bad
+    # Halves first: (max + min) / 2 must not overflow for logits near the dtype's limit.
+    s_centre = 0.5 * s_hi + 0.5 * s_lo
+    t_centre = 0.5 * t_hi + 0.5 * t_lo
+    spread = k * (s_hi - s_lo)
+    if not HARD:
+        spread = tl.maximum(spread, k * (t_hi - t_lo))
+    use_ratio = spread <= ratio_limit
+
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, C, BLOCK):
+        cols = start + offs
+        if NEED_GS:
+            tl.store(gs_row + cols, tl.zeros([BLOCK], ACC), mask=cols < C)
+        if NEED_GT:
+            tl.store(gt_row + cols, tl.zeros([BLOCK], ACC), mask=cols < C)
+
+    n_tiles = tl.cdiv(C, BLOCK)
+    n_rounds = tl.cdiv(n_tiles, n_splits)
+    if bad:
+        n_rounds = 0
+    tau = tl.sum(zero, axis=0)
+    for rnd in range(0, n_rounds):
+        # Snake order: round r gives tiles r*S .. r*S+S-1 to splits 0..S-1, reversed on odd rounds.
+        ti = rnd * n_splits + split + (rnd % 2) * (n_splits - 1 - 2 * split)
+        if ti < n_tiles:
+            if use_ratio:
+                tau += _tile_row(s_row, t_row, gs_row, gt_row, ti, C,
+                                 s_centre, t_centre, k, two_k,
+                                 ACC, HARD, NEED_GS, NEED_GT, True, FAST_RCP, BLOCK)
+            else:
+                tau += _tile_row(s_row, t_row, gs_row, gt_row, ti, C,
+                                 s_centre, t_centre, k, two_k,
+                                 ACC, HARD, NEED_GS, NEED_GT, False, False, BLOCK)
+
+    c_acc = tl.sum(zero + C, axis=0)
+    inv_pairs = 2.0 / (c_acc * (c_acc - 1.0))
+    if FUSED_FINALIZE:
+        tl.store(loss_ptr + row, tl.where(bad, float("nan"), 1.0 - tau * inv_pairs))
+        tl.debug_barrier()  # this program's last partial-row stores are visible to _scale_row
+        grad_scale = -4.0 * k * inv_pairs
+        if NEED_GS:
+            _scale_row(gs_row, C, grad_scale, bad, BLOCK)
+        if NEED_GT:
+            _scale_row(gt_row, C, grad_scale, bad, BLOCK)
+    else:
+        tl.store(tau_scratch_ptr + row * n_splits + split, tl.where(bad, float("nan"), tau))
+
+
+@triton.jit
+def _kendall_finalize_kernel(
+    loss_ptr, gs_ptr, gt_ptr, gs_scratch_ptr, gt_scratch_ptr, tau_scratch_ptr,
+    rows, C, n_splits, k_hi, k_lo,
+    NEED_GS: tl.constexpr, NEED_GT: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program (row, column block): adds the splits' partial rows in split order, then scales.
+
+    A NaN tau partial marks a row with a non-finite logit: its loss and gradients become NaN.
+    """
+    ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    zero = tl.zeros([1], ACC)
+    k = tl.sum(zero + k_hi, axis=0) + tl.sum(zero + k_lo, axis=0)
+    c_acc = tl.sum(zero + C, axis=0)
+    inv_pairs = 2.0 / (c_acc * (c_acc - 1.0))
+    grad_scale = -4.0 * k * inv_pairs
+
+    splits = tl.arange(0, SPLITS_POW2)
+    taus = tl.load(tau_scratch_ptr + row * n_splits + splits, mask=splits < n_splits, other=0.0)
+    tau = tl.sum(taus, axis=0)
+    bad = tau != tau
+    if block == 0:
+        tl.store(loss_ptr + row, 1.0 - tau * inv_pairs)
+
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < C
+    if NEED_GS:
+        g = tl.load(gs_ptr + row * C + cols, mask=inside, other=0.0)
+        for s in range(1, n_splits):
+            g += tl.load(gs_scratch_ptr + ((s - 1) * rows + row) * C + cols, mask=inside, other=0.0)
+        tl.store(gs_ptr + row * C + cols, tl.where(bad, float("nan"), g * grad_scale), mask=inside)
+    if NEED_GT:
+        g = tl.load(gt_ptr + row * C + cols, mask=inside, other=0.0)
+        for s in range(1, n_splits):
+            g += tl.load(gt_scratch_ptr + ((s - 1) * rows + row) * C + cols, mask=inside, other=0.0)
+        tl.store(gt_ptr + row * C + cols, tl.where(bad, float("nan"), g * grad_scale), mask=inside)
+
+
+# ----------------------------------------------------------------------------------------------
+# The op
+# ----------------------------------------------------------------------------------------------
+
+_PROGRAMS_PER_DEVICE: Dict[int, int] = {}
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """How many programs keep the device busy: one per SM (the interpreter: a small stand-in)."""
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PROGRAMS_PER_DEVICE:
+        _PROGRAMS_PER_DEVICE[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _PROGRAMS_PER_DEVICE[index]
+
+
+def num_splits(rows: int, c: int, device: torch.device) -> int:
+    """Programs per row: enough for one program per SM in all, within MAX_SPLITS and C's width.
+
+    (splits - 1) * rows < programs wanted, so the scratch rows stay fewer than the SMs.
+    """
+    wanted = -(-_programs_wanted(device) // max(rows, 1))
+    return max(1, min(MAX_SPLITS, wanted, c // MIN_COLUMNS_PER_SPLIT))
+
+
+def _float32_halves(k: float) -> Tuple[float, float]:
+    """k = hi + lo with hi, lo float32 values (Triton passes Python floats as float32)."""
+    hi = struct.unpack("f", struct.pack("f", k))[0]
+    lo = struct.unpack("f", struct.pack("f", k - hi))[0]
+    return hi, lo
+
+
+def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, k: float) -> None:
+    if student.dim() != 2 or teacher.shape != student.shape:
+        raise RuntimeError(
+            f"{OP_NAME} expects two (rows, C) tensors of one shape, got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    if student.dtype != teacher.dtype or not student.is_floating_point():
+        raise RuntimeError(f"{OP_NAME} expects one floating dtype, got {student.dtype} and {teacher.dtype}")
+    if student.device != teacher.device:
+        raise RuntimeError(f"{OP_NAME} expects one device, got {student.device} and {teacher.device}")
+    if student.shape[1] < 2:
+        raise RuntimeError(f"{OP_NAME} needs C >= 2, got {student.shape[1]}")
+    if not (math.isfinite(k) and 0 < k < 3.0e38):
+        raise RuntimeError(f"{OP_NAME} needs a positive finite k below 3e38, got {k}")
+
+
+@torch.library.triton_op(OP_NAME, mutates_args=())
+def kendall_triton(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    k: float,
+    hard_teacher: bool,
+    need_grad_student: bool,
+    need_grad_teacher: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op contract of ``ops.py`` on CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
+
+    Returns ``(loss_rows, grad_student, grad_teacher)`` in the accumulation dtype; a gradient not
+    asked for is an empty ``(0,)`` tensor.
+    """
+    _check_inputs(student, teacher, k)
+    rows, c = student.shape
+    acc = accumulation_dtype(student.dtype)
+    empty = student.new_empty((0,), dtype=acc)
+    loss = student.new_empty((rows,), dtype=acc)
+    grad_s = student.new_empty((rows, c), dtype=acc) if need_grad_student else empty
+    if need_grad_teacher:
+        # A hard teacher's gradient is identically zero: no kernel work for it.
+        alloc = student.new_zeros if hard_teacher else student.new_empty
+        grad_t = alloc((rows, c), dtype=acc)
+    else:
+        grad_t = student.new_empty((0,), dtype=acc)
+    if rows == 0:
+        return loss, grad_s, grad_t
+
+    need_gs = bool(need_grad_student)
+    need_gt = bool(need_grad_teacher and not hard_teacher)
+    splits = num_splits(rows, c, student.device)
+    fused = splits == 1
+    scratch_rows = (splits - 1) * rows
+    gs_scratch = student.new_empty((scratch_rows, c), dtype=acc) if need_gs and not fused else empty
+    gt_scratch = student.new_empty((scratch_rows, c), dtype=acc) if need_gt and not fused else empty
+    tau_scratch = empty if fused else student.new_empty((rows, splits), dtype=acc)
+    k_hi, k_lo = _float32_halves(float(k))
+    # Rows may be strided (a view of a bigger tensor); columns must be dense for the kernel.
+    if student.stride(1) != 1:
+        student = student.contiguous()
+    if teacher.stride(1) != 1:
+        teacher = teacher.contiguous()
+
+    torch.library.wrap_triton(_kendall_pairs_kernel)[(rows, splits)](
+        student, teacher, student.stride(0), teacher.stride(0),
+        loss, grad_s, grad_t, gs_scratch, gt_scratch, tau_scratch,
+        rows, c, k_hi, k_lo, RATIO_MAX_SPREAD[acc],
+        HARD=bool(hard_teacher), NEED_GS=need_gs, NEED_GT=need_gt, FUSED_FINALIZE=fused,
+        FAST_RCP=acc == torch.float32 and not INTERPRETING,
+    )
+    if not fused:
+        torch.library.wrap_triton(_kendall_finalize_kernel)[(rows, triton.cdiv(c, FINALIZE_BLOCK))](
+            loss, grad_s, grad_t, gs_scratch, gt_scratch, tau_scratch,
+            rows, c, splits, k_hi, k_lo,
+            NEED_GS=need_gs, NEED_GT=need_gt, SPLITS_POW2=triton.next_power_of_2(splits),
+            BLOCK=FINALIZE_BLOCK,
+        )
+    return loss, grad_s, grad_t
+
+
+ops.register_autograd(OP_NAME)
