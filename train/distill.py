@@ -727,6 +727,8 @@ def train_phase(
         os.makedirs(phase_dir, exist_ok=True)
     if teacher is not None:
         teacher.eval()
+    # A teacher given to a CE-only phase is used only to measure the validation tau.
+    uses_teacher = teacher is not None and (phase.kd_weight > 0 or phase.rank_weight > 0)
     log(f"[{phase.name}] {phase.arch}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{phase.epochs} epochs x {steps_per_epoch} steps x {cfg.batch_size} images x "
         f"{runtime.world_size} process(es) on {device}")
@@ -755,7 +757,7 @@ def train_phase(
             with autocast_ctx():
                 logits = train_model(images)
                 teacher_logits = None
-                if teacher is not None:
+                if uses_teacher:
                     with torch.no_grad():
                         teacher_logits = teacher(images)
             logits = logits.float()
@@ -825,7 +827,7 @@ def train_phase(
                 if not (isinstance(row[key], float) and math.isnan(row[key]))))
     final = shown[-1] if shown else {}
     return {
-        "phase": phase.name, "arch": phase.arch, "model": model,
+        "phase": phase.name, "arch": phase.arch, "model": model, "history": shown,
         "epochs": final.get("epoch", 0), "steps": global_step, "complete": epoch == phase.epochs,
         "wall_s": time.perf_counter() - phase_start, **{k: final.get(k, math.nan) for k in (
             "val_top1", "val_top5", "val_tau", "val_ce", "images_per_s", "rank_time_share")},
