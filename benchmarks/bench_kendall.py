@@ -139,7 +139,7 @@ def _spec(provider: str, device: str, dtype: str, shape: Shape, modes, preset: P
 def _base_row(provider: str, device: str, dtype: str, shape: Shape, mode: str) -> report.Row:
     pairs = shape.batch * pairs_per_row(shape.classes, shape.top_k)
     return dict(backend=provider, device=device, mode=mode, B=shape.batch, C=shape.classes,
-                dtype=dtype, top_k=shape.top_k, pairs=pairs, median_ms=None, iqr_ms=None,
+                dtype=dtype, top_k=shape.top_k, pairs=pairs, median_ms=None, iqr_ms=None, min_ms=None,
                 samples=None, peak_mem_mb=None, pairs_per_s=None, compile_s=None,
                 cxc_matrices=None, est_mem_gb=None, loss_value=None, status="ok")
 
@@ -197,7 +197,7 @@ def run_cell(preset: Preset, device: str, dtype: str, shape: Shape, provider: st
     matrix = cxc_bytes(shape.batch, shape.classes, shape.top_k, dtype)
     for row in rows:
         timing = times["modes"][row["mode"]]
-        row.update(median_ms=timing["median_ms"], iqr_ms=timing["iqr_ms"],
+        row.update(median_ms=timing["median_ms"], iqr_ms=timing["iqr_ms"], min_ms=timing["min_ms"],
                    samples=timing["samples"], compile_s=times["compile_s"],
                    loss_value=times["loss_value"])
         row["pairs_per_s"] = row["pairs"] / (row["median_ms"] / 1e3)
@@ -212,14 +212,18 @@ def run_cell(preset: Preset, device: str, dtype: str, shape: Shape, provider: st
 def run_e2e(device: str, backends_to_run: Sequence[str], timer: Worker, memory_meter: Worker,
             progress: tqdm) -> List[report.Row]:
     image_px = 32 if device == "cpu" else 224
-    rows = []
+    rows: List[report.Row] = []
+    ce_only: Dict[str, float] = {}
     for backend in backends_to_run:
         progress.set_postfix_str(f"end-to-end ResNet-18 step, {backend}")
-        spec = E2ESpec(backend=backend, device=device, image_px=image_px)
-        row = dict(backend=backend, device=device, batch=spec.batch, image_px=image_px)
+        spec = E2ESpec(backend=backend, device=device, image_px=image_px, with_ce_only=not ce_only)
+        row: report.Row = dict(backend=backend, device=device, batch=spec.batch, image_px=image_px)
         times = timer.request("e2e_times", spec)
         row.update(times)
         if times["status"] == "ok":
+            if "step_ce_only_ms" in times:
+                ce_only = {k: times[k] for k in ("step_ce_only_ms", "step_ce_only_iqr_ms")}
+            row.update(ce_only)
             peak = memory_meter.request("e2e_memory", spec)
             row["step_peak_mem_mb"] = peak.get("step_peak_mem_mb")
         rows.append(row)

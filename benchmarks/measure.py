@@ -96,7 +96,14 @@ def mode_callable(mode: str, loss_fn: LossFn, student: torch.Tensor, teacher: to
 class Timing:
     median_ms: float
     iqr_ms: float
+    min_ms: float
     samples: int
+
+
+def timing_of(samples_s: Sequence[float]) -> Timing:
+    samples = torch.tensor(list(samples_s), dtype=torch.float64) * 1e3
+    q25, q50, q75 = torch.quantile(samples, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return Timing(float(q50), float(q75 - q25), float(samples.min()), len(samples))
 
 
 def synchronize(device: str) -> None:
@@ -113,17 +120,17 @@ def wall_seconds(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - start
 
 
-def time_cpu(fn: Callable[[], Any], once_s: float, min_run_time_s: float, min_reps: int) -> Timing:
+def time_cpu(fn: Callable[[], Any], min_run_time_s: float) -> Timing:
     """torch.utils.benchmark on all of torch's threads (its Timer defaults to one thread).
 
-    ``blocked_autorange`` runs blocks of calls until ``min_run_time`` has passed; a slow call gets
-    a run time of ``min_reps`` calls, so that even the eager reference has several samples.
+    ``blocked_autorange`` sizes blocks of calls so that the timer's overhead is negligible and runs
+    blocks until ``min_run_time`` has passed; each sample is the mean call time of one block.
     """
     from torch.utils.benchmark import Timer
 
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=max(min_run_time_s, min_reps * once_s))
-    return Timing(measurement.median * 1e3, measurement.iqr * 1e3, len(measurement.times))
+    measurement = timer.blocked_autorange(min_run_time=min_run_time_s)
+    return timing_of([t for t in measurement.times])
 
 
 def time_cuda(fn: Callable[[], Any], once_s: float, min_run_time_s: float, min_reps: int) -> Timing:
@@ -140,15 +147,18 @@ def time_cuda(fn: Callable[[], Any], once_s: float, min_run_time_s: float, min_r
         fn()
         end.record()
     torch.cuda.synchronize()
-    times = torch.tensor([start.elapsed_time(end) for start, end in zip(starts, ends)])
-    q25, q50, q75 = torch.quantile(times.double(), torch.tensor([0.25, 0.5, 0.75]).double())
-    return Timing(float(q50), float(q75 - q25), reps)
+    return timing_of([start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)])
 
 
-def time_calls(fn, device: str, once_s: float, min_run_time_s: float, min_reps: int) -> Timing:
+def time_calls(fn: Callable[[], Any], device: str, once_s: float, min_run_time_s: float,
+               min_reps: int) -> Timing:
+    """Blocks of calls for fast functions; single calls, ``min_reps`` or more, for slow ones."""
+    if once_s * min_reps >= min_run_time_s:
+        reps = max(min_reps, math.ceil(min_run_time_s / once_s))
+        return timing_of([wall_seconds(fn, device) for _ in range(reps)])
     if device.startswith("cuda"):
         return time_cuda(fn, once_s, min_run_time_s, min_reps)
-    return time_cpu(fn, once_s, min_run_time_s, min_reps)
+    return time_cpu(fn, min_run_time_s)
 
 
 def time_backward(loss_fn: LossFn, student: torch.Tensor, teacher: torch.Tensor, device: str,
@@ -176,9 +186,28 @@ def time_backward(loss_fn: LossFn, student: torch.Tensor, teacher: torch.Tensor,
         else:
             times_s.append(wall_seconds(lambda: torch.autograd.grad(loss, student), device))
         del loss
-    samples = torch.tensor(times_s, dtype=torch.float64)
-    q25, q50, q75 = torch.quantile(samples, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-    return Timing(float(q50) * 1e3, float(q75 - q25) * 1e3, len(times_s))
+    return timing_of(times_s)
+
+
+def time_slow_calls(loss_fn: LossFn, student: torch.Tensor, teacher: torch.Tensor, device: str,
+                    modes: Sequence[str], reps: int, step_s: float) -> Dict[str, Timing]:
+    """Calls too slow for blocks: ``reps`` single calls each (what blocked_autorange would do with
+    blocks of one call), and each forward's own backward is the backward sample, which saves the
+    extra forwards of ``time_backward`` (the eager reference's forward takes seconds).
+    ``step_s``, a forward+backward already timed after the warm-up, is the first such sample."""
+    samples: Dict[str, List[float]] = {mode: [] for mode in modes}
+    if "forward" in modes or "backward" in modes:
+        for _ in range(reps):
+            holder: List[torch.Tensor] = []
+            samples.setdefault("forward", []).append(
+                wall_seconds(lambda: holder.append(loss_fn(student, teacher)), device))
+            samples.setdefault("backward", []).append(
+                wall_seconds(lambda: torch.autograd.grad(holder[0], student), device))
+            del holder
+    if "forward+backward" in modes:
+        fn = mode_callable("forward+backward", loss_fn, student, teacher)
+        samples["forward+backward"] = [step_s] + [wall_seconds(fn, device) for _ in range(reps - 1)]
+    return {mode: timing_of(samples[mode]) for mode in modes}
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -222,67 +251,78 @@ class PeakExtraMemory:
 
 
 # ----------------------------------------------------------------------------- the two measurements
-def _first_call(spec: Spec):
-    """Inputs, the loss, and one forward+backward: compiles, loads kernels, starts thread pools."""
+def measure_times(spec: Spec) -> Dict[str, Any]:
+    """Median, IQR and minimum per mode, after warm-up; the compiled reference's compile time.
+
+    The first forward+backward compiles (reference_compiled), loads kernels and starts thread pools;
+    a second one gives the steady time (for the compiled reference, compile_s is the difference).
+    Fast calls are timed in blocks (torch.utils.benchmark on the CPU, CUDA events on a GPU) for at
+    least ``min_run_time_s``; calls slower than ``min_run_time_s / min_reps`` are timed one by one,
+    ``min_reps`` times or more.
+    """
     student, teacher = make_inputs(spec.batch, spec.classes, spec.dtype, spec.device, spec.seed)
     loss_fn = loss_function(spec.provider, spec.top_k)
+    step = mode_callable("forward+backward", loss_fn, student, teacher)
     holder: List[torch.Tensor] = []
+    first_s = wall_seconds(lambda: holder.append(loss_fn(student, teacher)), spec.device)
+    first_s += wall_seconds(lambda: torch.autograd.grad(holder[0], student), spec.device)
+    loss_value = float(holder.pop().detach().float())
+    step_s = wall_seconds(step, spec.device)  # the first call after the warm-up
+    compile_s = max(0.0, first_s - step_s) if spec.provider == "reference_compiled" else None
 
-    def first() -> None:
-        loss = loss_fn(student, teacher)
-        torch.autograd.grad(loss, student)
-        holder.append(loss.detach())
-
-    first_s = wall_seconds(first, spec.device)
-    return student, teacher, loss_fn, first_s, float(holder[0].float())
-
-
-def measure_times(spec: Spec) -> Dict[str, Any]:
-    """Median and IQR per mode; for the compiled reference also the compile time.
-
-    compile_s = (first forward+backward) - (the second one): what compiling both graphs cost.
-    """
-    student, teacher, loss_fn, first_s, loss_value = _first_call(spec)
-    after_first_s = wall_seconds(mode_callable("forward+backward", loss_fn, student, teacher), spec.device)
-    result: Dict[str, Any] = {
-        "loss_value": loss_value,
-        "compile_s": max(0.0, first_s - after_first_s) if spec.provider == "reference_compiled" else None,
-        "modes": {},
-    }
-    for mode in spec.modes:
-        if mode == "backward":
-            timing = time_backward(loss_fn, student, teacher, spec.device, spec.min_run_time_s,
-                                   spec.min_reps)
-        else:
+    if step_s * spec.min_reps >= spec.min_run_time_s:
+        reps = max(spec.min_reps, math.ceil(spec.min_run_time_s / step_s))
+        timings = time_slow_calls(loss_fn, student, teacher, spec.device, spec.modes, reps, step_s)
+    else:
+        timings = {}
+        for mode in spec.modes:
+            if mode == "backward":
+                timings[mode] = time_backward(loss_fn, student, teacher, spec.device,
+                                              spec.min_run_time_s, spec.min_reps)
+                continue
             fn = mode_callable(mode, loss_fn, student, teacher)
-            once_s = wall_seconds(fn, spec.device)  # warm-up, and how many calls fit the run time
-            timing = time_calls(fn, spec.device, once_s, spec.min_run_time_s, spec.min_reps)
-            del fn
-        result["modes"][mode] = timing.__dict__
-    return result
+            once_s = wall_seconds(fn, spec.device)  # warm-up of this mode
+            timings[mode] = time_calls(fn, spec.device, once_s, spec.min_run_time_s, spec.min_reps)
+    return {
+        "loss_value": loss_value,
+        "compile_s": compile_s,
+        "modes": {mode: timing.__dict__ for mode, timing in timings.items()},
+    }
 
 
 def measure_memory(spec: Spec) -> Dict[str, Any]:
     """Peak extra memory of one call per mode, after a warm-up call.
 
-    The inputs (and, for "backward", the loss with its graph) exist before the measurement starts;
+    The inputs (and, for "backward", the loss with its graph) exist before a measurement starts;
     what the call allocates on top of them (intermediates, saved tensors, gradients) is counted.
+    The warm-up (kernels, thread pools) runs on one row, except for the compiled reference, which
+    has to compile the real shape.
     """
-    student, teacher, loss_fn, _, _ = _first_call(spec)
+    student, teacher = make_inputs(spec.batch, spec.classes, spec.dtype, spec.device, spec.seed)
+    loss_fn = loss_function(spec.provider, spec.top_k)
+    if spec.provider == "reference_compiled":
+        warm_student, warm_teacher = student, teacher
+    else:
+        warm_student, warm_teacher = make_inputs(1, spec.classes, spec.dtype, spec.device, spec.seed)
+    mode_callable("forward+backward", loss_fn, warm_student, warm_teacher)()
+    del warm_student, warm_teacher
+
     peak = PeakExtraMemory(spec.device)
-    modes: Dict[str, float] = {}
-    for mode in spec.modes:
-        if mode == "backward":
-            loss = loss_fn(student, teacher)
-            fn = lambda: torch.autograd.grad(loss, student)  # noqa: E731
-        else:
-            fn = mode_callable(mode, loss_fn, student, teacher)
+    peaks: Dict[str, float] = {}
+    if "forward" in spec.modes or "backward" in spec.modes:
         peak.start()
-        fn()
-        modes[mode] = peak.stop()
-        del fn
-        loss = None
-    return {"modes": modes}
+        loss = loss_fn(student, teacher)
+        peaks["forward"] = peak.stop()
+        peak.start()
+        torch.autograd.grad(loss, student)
+        peaks["backward"] = peak.stop()
+        del loss
+    if "forward+backward" in spec.modes:
+        step = mode_callable("forward+backward", loss_fn, student, teacher)
+        peak.start()
+        step()
+        peaks["forward+backward"] = peak.stop()
+    return {"modes": {mode: peaks[mode] for mode in spec.modes}}
 
 
 def pairs_per_row(classes: int, top_k: Optional[int]) -> int:

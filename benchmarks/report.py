@@ -22,6 +22,7 @@ COLUMNS = [
     "pairs",  # B * n (n - 1) / 2 with n = top_k or C
     "median_ms",
     "iqr_ms",
+    "min_ms",  # the fastest sample: the least disturbed by other work on a shared machine
     "samples",
     "peak_mem_mb",  # peak extra memory of one call, MB = 2**20 bytes
     "pairs_per_s",
@@ -41,8 +42,10 @@ E2E_COLUMNS = [
     "image_px",
     "step_ms",
     "step_iqr_ms",
+    "step_min_ms",
     "step_ce_only_ms",
     "kendall_ms",
+    "kendall_iqr_ms",
     "kendall_share",
     "step_peak_mem_mb",
     "step_speedup_vs_reference",
