@@ -6,8 +6,10 @@
 //      double ratio form, direct tanh in double, or a NaN row) and the centres of the ratio form.
 //   2. pair_sums, once per path: rows of other paths return at once. The row's channels are cut
 //      into tiles of kTile, its unordered pairs into tile pairs (I, J) with I <= J, and each row
-//      gets `splits` blocks; block b takes tile pairs b, b + splits, ... and adds its partial
-//      gradient sums into a scratch slice that it alone owns (splits x C per row and gradient).
+//      gets `splits` blocks, which deal the tile pairs out in snake order (0 1 2 2 1 0 0 1 ...;
+//      full off-diagonal tile pairs first, the half-size diagonal ones last, so the loads even
+//      out). A block adds its partial gradient sums into a scratch slice that it alone owns
+//      (splits x C per row and gradient).
 //      No address is written by two blocks, so there are no atomics, and every sum is taken in
 //      one fixed order: results are bitwise reproducible.
 //   3. finish_rows: adds the slices of each channel in slice order, scales, writes loss and
@@ -49,7 +51,7 @@ constexpr int kThreads = kWarps * kWarpSize;          // 128
 constexpr int kLaneRows = 2;                          // tile-I channels each lane owns
 constexpr int kChunks = kWarps * kLaneRows;           // 32-channel chunks per tile
 constexpr int kTile = kChunks * kWarpSize;            // 256 channels
-constexpr int kMaxSplits = 32;                        // blocks per row, at most
+constexpr int kMaxSplits = 64;                        // blocks per row, at most
 constexpr int64_t kScratchSoftLimit = int64_t(64) << 20;  // bytes; see choose_splits
 constexpr int kPlanThreads = 256;
 constexpr int kFinishThreads = 256;
@@ -307,7 +309,10 @@ __global__ void __launch_bounds__(kThreads, Path::kMinBlocksPerSM)
 
   const int64_t n_tiles = (c + kTile - 1) / kTile;
   const int64_t n_off_diagonal = n_tiles * (n_tiles - 1) / 2;
-  for (int64_t pair = split; pair < n_off_diagonal + n_tiles; pair += splits) {
+  const int64_t n_pairs = n_off_diagonal + n_tiles;
+  for (int64_t round = 0; round * splits < n_pairs; ++round) {
+    const int64_t pair = round * splits + ((round & 1) ? splits - 1 - split : split);  // snake
+    if (pair >= n_pairs) continue;  // uniform across the block
     // Off-diagonal pairs first, ordered by J: pair = J (J - 1) / 2 + I; then the diagonal.
     int64_t tile_i, tile_j;
     if (pair < n_off_diagonal) {
@@ -469,14 +474,16 @@ int multiprocessor_count() {
   return count;
 }
 
-// Blocks per row: enough blocks in all to fill the GPU (about 8 resident per SM), no more than the
-// row has tile pairs or kMaxSplits, and a scratch of at most kScratchSoftLimit bytes unless even 4
-// splits exceed it (then 4: a large row still spreads over a few SMs).
+// Blocks per row. Up to the number of blocks the GPU holds at once (8 per SM for the float kernel),
+// as many as fit in one wave: all run side by side and end together, rather than a short second
+// wave trailing behind. No more than the row has tile pairs or kMaxSplits, and a scratch of at
+// most kScratchSoftLimit bytes unless even 4 splits exceed it (then 4: a long row still spreads
+// over a few SMs).
 int choose_splits(int64_t rows, int64_t c, int sums_per_row, size_t acc_bytes) {
   const int64_t n_tiles = (c + kTile - 1) / kTile;
   const int64_t tile_pairs = n_tiles * (n_tiles + 1) / 2;
-  const int64_t target_blocks = int64_t(multiprocessor_count()) * 8;
-  int64_t splits = (target_blocks + rows - 1) / rows;
+  const int64_t resident_blocks = int64_t(multiprocessor_count()) * 8;
+  int64_t splits = resident_blocks / rows;
   const int64_t bytes_per_split = rows * c * sums_per_row * int64_t(acc_bytes);
   splits = std::min(splits, std::max<int64_t>(4, kScratchSoftLimit / bytes_per_split));
   splits = std::min({splits, tile_pairs, int64_t(kMaxSplits)});

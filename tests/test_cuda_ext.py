@@ -200,7 +200,9 @@ def test_bitwise_deterministic_with_split_rows():
 
 @needs_gpu
 def test_extra_memory_is_linear_in_rows_times_c():
-    rows, c = 8, 8192
+    """Outputs, the gradient of the backward and the kernel's scratch (at most 64 slices of
+    rows x C): tens of rows x C, where the reference would take rows x C x C."""
+    rows, c = 64, 4096
     s = logits((rows, c), seed=13).cuda().requires_grad_(True)
     t = logits((rows, c), seed=14).cuda()
     torch.cuda.synchronize()
@@ -209,9 +211,9 @@ def test_extra_memory_is_linear_in_rows_times_c():
     kendall_loss(s, t, backend="cuda").backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
-    row_by_c = rows * c * 4
-    assert extra < 80 * row_by_c, f"{extra} bytes for {rows} x {c}"
-    assert extra < rows * c * c * 4 / 100  # far from anything rows x C x C
+    rows_by_c = rows * c * 4
+    assert extra < 72 * rows_by_c, f"{extra} bytes for {rows} x {c}"
+    assert extra < rows * c * c * 4 / 50
 
 
 @needs_gpu
