@@ -99,8 +99,8 @@ def _reciprocal(x, FAST_RCP: tl.constexpr):
 
 
 @triton.jit
-def _tanh_pair(u_i, u_j, k, RATIO: tl.constexpr, FAST_RCP: tl.constexpr):
-    """tanh(k (x_i - x_j)) and (1 - tanh^2) / 4 of a tile of pairs.
+def _tanh_pair(u_i, u_j, exp2_scale, RATIO: tl.constexpr, FAST_RCP: tl.constexpr):
+    """tanh(k (x_i - x_j)) and (1 - tanh^2) / 4 of a tile of pairs; exp2_scale = 2k / ln 2.
 
     RATIO: u = exp(2k (x - centre)) and the ratio form; else u = x and the direct form.
     """
@@ -111,8 +111,8 @@ def _tanh_pair(u_i, u_j, k, RATIO: tl.constexpr, FAST_RCP: tl.constexpr):
         th = p - q
         quarter_sech2 = p * q
     else:
-        d = k * (u_i - u_j)
-        e = tl.exp(-2.0 * tl.abs(d))  # in (0, 1]; underflows to 0 where tanh saturates
+        d = u_i - u_j
+        e = tl.exp2(-exp2_scale * tl.abs(d))  # exp(-2k|d|) in (0, 1]; 0 where tanh saturates
         inv = 1.0 / (1.0 + e)
         th = (1.0 - e) * inv
         th = tl.where(d < 0, -th, th)
@@ -135,10 +135,13 @@ def _load_tile(row_ptr, offs, C, centre, ACC: tl.constexpr):
 
 
 @triton.jit
-def _ratio_weights(x, centre, two_k, RATIO: tl.constexpr):
-    """exp(2k (x - centre)) for the ratio form; x itself for the direct form."""
+def _ratio_weights(x, centre, exp2_scale, RATIO: tl.constexpr):
+    """exp(2k (x - centre)) for the ratio form; x itself for the direct form.
+
+    exp2 with 2k / ln 2 folded into one per-row scale: one rounding fewer than exp's own x * log2 e.
+    """
     if RATIO:
-        u = tl.exp(two_k * (x - centre))
+        u = tl.exp2(exp2_scale * (x - centre))
     else:
         u = x
     return u
@@ -180,7 +183,7 @@ def _row_range(row_ptr, C, ACC: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _tile_pair(
     us_i, ut_i, cols_i, tj, tau_acc, gs_acc, gt_acc,
-    s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, k, two_k,
+    s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, exp2_scale,
     ACC: tl.constexpr, HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
     RATIO: tl.constexpr, MASKED: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -190,15 +193,15 @@ def _tile_pair(
     tiles skip the per-pair mask.
     """
     cols_j = tj * BLOCK + tl.arange(0, BLOCK)
-    us_j = _ratio_weights(_load_tile(s_row, cols_j, C, s_centre, ACC), s_centre, two_k, RATIO)
+    us_j = _ratio_weights(_load_tile(s_row, cols_j, C, s_centre, ACC), s_centre, exp2_scale, RATIO)
     ut_j = _load_tile(t_row, cols_j, C, t_centre, ACC)
-    th_s, qs_s = _tanh_pair(us_i[:, None], us_j[None, :], k, RATIO, FAST_RCP)
+    th_s, qs_s = _tanh_pair(us_i[:, None], us_j[None, :], exp2_scale, RATIO, FAST_RCP)
     if HARD:
         w = _sign(ut_i[:, None] - ut_j[None, :])
         qs_t = w  # unused: a hard teacher has no gradient
     else:
-        ut_j = _ratio_weights(ut_j, t_centre, two_k, RATIO)
-        w, qs_t = _tanh_pair(ut_i[:, None], ut_j[None, :], k, RATIO, FAST_RCP)
+        ut_j = _ratio_weights(ut_j, t_centre, exp2_scale, RATIO)
+        w, qs_t = _tanh_pair(ut_i[:, None], ut_j[None, :], exp2_scale, RATIO, FAST_RCP)
     if MASKED:
         # j > i also drops every lane past C on the i side (j < C <= i there).
         valid = (cols_j[None, :] > cols_i[:, None]) & (cols_j[None, :] < C)
@@ -219,7 +222,7 @@ def _tile_pair(
 @triton.jit
 def _tile_row(
     s_row, t_row, gs_row, gt_row, ti, C,
-    s_centre, t_centre, k, two_k,
+    s_centre, t_centre, exp2_scale,
     ACC: tl.constexpr, HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
     RATIO: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -230,10 +233,10 @@ def _tile_row(
     sums go in at each tile tj as it is done.
     """
     cols_i = ti * BLOCK + tl.arange(0, BLOCK)
-    us_i = _ratio_weights(_load_tile(s_row, cols_i, C, s_centre, ACC), s_centre, two_k, RATIO)
+    us_i = _ratio_weights(_load_tile(s_row, cols_i, C, s_centre, ACC), s_centre, exp2_scale, RATIO)
     ut_i = _load_tile(t_row, cols_i, C, t_centre, ACC)
     if not HARD:
-        ut_i = _ratio_weights(ut_i, t_centre, two_k, RATIO)
+        ut_i = _ratio_weights(ut_i, t_centre, exp2_scale, RATIO)
     tau_acc = tl.zeros([BLOCK, BLOCK], ACC)
     gs_acc = tl.zeros([BLOCK, BLOCK], ACC)
     gt_acc = tl.zeros([BLOCK, BLOCK], ACC)
@@ -241,17 +244,17 @@ def _tile_row(
     n_full_tiles = C // BLOCK
     tau_acc, gs_acc, gt_acc = _tile_pair(
         us_i, ut_i, cols_i, ti, tau_acc, gs_acc, gt_acc,
-        s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, k, two_k,
+        s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, exp2_scale,
         ACC, HARD, NEED_GS, NEED_GT, RATIO, True, FAST_RCP, BLOCK)
     for tj in range(ti + 1, n_full_tiles):
         tau_acc, gs_acc, gt_acc = _tile_pair(
             us_i, ut_i, cols_i, tj, tau_acc, gs_acc, gt_acc,
-            s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, k, two_k,
+            s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, exp2_scale,
             ACC, HARD, NEED_GS, NEED_GT, RATIO, False, FAST_RCP, BLOCK)
     if (n_full_tiles < n_tiles) & (ti < n_tiles - 1):
         tau_acc, gs_acc, gt_acc = _tile_pair(
             us_i, ut_i, cols_i, n_tiles - 1, tau_acc, gs_acc, gt_acc,
-            s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, k, two_k,
+            s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, exp2_scale,
             ACC, HARD, NEED_GS, NEED_GT, RATIO, True, FAST_RCP, BLOCK)
     if NEED_GS:
         _add_into(gs_row, cols_i, C, tl.sum(gs_acc, axis=1))
@@ -276,41 +279,33 @@ def _scale_row(row_ptr, C, scale, bad, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 
-def _configs() -> List[triton.Config]:
-    if INTERPRETING:
-        # One small tile: autotuning would only cost time, and BLOCK = 16 gives even small test
-        # rows (C of 17, 33, 100) several tiles, so the tile triangle and the masks are exercised.
-        return [triton.Config({"BLOCK": 16}, num_warps=1, num_stages=1)]
-    # Tiles of 32 or 64 with 4 to 16 pairs per thread: the pair math holds about a dozen values
-    # per pair in registers, so 128-wide tiles or fewer warps spill (checked by compiling for sm_90:
-    # 64 x 64 with 8 warps uses ~190 registers, with 16 warps ~110-128). num_stages=1: the loop
-    # loads two BLOCK-vectors per BLOCK^2 pairs, nothing worth pipelining, and no pipeliner may hoist
-    # a partial-row load above the previous tile's store.
-    return [
-        triton.Config({"BLOCK": 32}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK": 32}, num_warps=8, num_stages=1),
-        triton.Config({"BLOCK": 64}, num_warps=8, num_stages=1),
-        triton.Config({"BLOCK": 64}, num_warps=16, num_stages=1),
-    ]
+# Tiles of 32 or 64 with 4 to 16 pairs per thread: the pair math holds about a dozen values per pair
+# in registers, so 128-wide tiles or fewer warps spill (checked by compiling for sm_90: 64 x 64 with 8
+# warps uses ~190 registers, with 16 warps ~110-128). num_stages=1: the loop loads two BLOCK-vectors
+# per BLOCK^2 pairs, nothing worth pipelining, and no pipeliner may hoist a partial-row load above
+# the previous tile's store. All four serve every C (masked edges); the autotuner keys on C.
+GPU_CONFIGS = [
+    triton.Config({"BLOCK": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK": 32}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK": 64}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK": 64}, num_warps=16, num_stages=1),
+]
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles wider than half the row (C = 40 has no use for 64 x 64 tiles)."""
-    widest = max(32, triton.next_power_of_2(int(named_args["C"])) // 2)
-    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK"] <= widest]
-    return kept or configs[:1]
+def interpreter_block(c: int) -> int:
+    """Tile width under the interpreter, where a tile costs about the same whatever its size.
+
+    Small rows get 16-wide tiles, so that C of 17, 33 or 100 spans several tiles (the triangle, the
+    diagonal and edge masks, the multi-split paths all run); large rows get wide tiles to stay fast.
+    """
+    return 16 if c <= 160 else 64 if c <= 512 else 128
 
 
-@triton.autotune(
-    configs=_configs(),
-    key=["C", "HARD", "NEED_GS", "NEED_GT", "FUSED_FINALIZE", "FAST_RCP"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)
 @triton.jit
 def _kendall_pairs_kernel(
     s_ptr, t_ptr, s_stride_row, t_stride_row,
     loss_ptr, gs_ptr, gt_ptr, gs_scratch_ptr, gt_scratch_ptr, tau_scratch_ptr,
-    rows, C, k_hi, k_lo, ratio_limit,
+    rows, C, k_hi, k_lo, exp2_scale_hi, exp2_scale_lo, ratio_limit,
     HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
     FUSED_FINALIZE: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -324,10 +319,11 @@ def _kendall_pairs_kernel(
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
-    # k arrives as float32 halves k_hi + k_lo (Triton passes Python floats as float32): ~48 bits.
+    # k and exp2_scale = 2k / ln 2 arrive as float32 halves hi + lo (Triton passes Python floats as
+    # float32, and a float literal like 1 / ln 2 would be rounded to float32 too): ~48 bits.
     zero = tl.zeros([1], ACC)
     k = tl.sum(zero + k_hi, axis=0) + tl.sum(zero + k_lo, axis=0)
-    two_k = 2.0 * k
+    exp2_scale = tl.sum(zero + exp2_scale_hi, axis=0) + tl.sum(zero + exp2_scale_lo, axis=0)
 
     s_row = s_ptr + row * s_stride_row
     t_row = t_ptr + row * t_stride_row
@@ -342,6 +338,11 @@ def _kendall_pairs_kernel(
     s_lo, s_hi, s_bad = _row_range(s_row, C, ACC, BLOCK)
     t_lo, t_hi, t_bad = _row_range(t_row, C, ACC, BLOCK)
     bad = s_bad | t_bad
+    if bad:  # the pair loop is skipped; keep the (unused) range finite all the same
+        s_lo = tl.sum(zero, axis=0)
+        s_hi = s_lo
+        t_lo = s_lo
+        t_hi = s_lo
     # Halves first: (max + min) / 2 must not overflow for logits near the dtype's limit.
     s_centre = 0.5 * s_hi + 0.5 * s_lo
     t_centre = 0.5 * t_hi + 0.5 * t_lo
@@ -369,11 +370,11 @@ def _kendall_pairs_kernel(
         if ti < n_tiles:
             if use_ratio:
                 tau += _tile_row(s_row, t_row, gs_row, gt_row, ti, C,
-                                 s_centre, t_centre, k, two_k,
+                                 s_centre, t_centre, exp2_scale,
                                  ACC, HARD, NEED_GS, NEED_GT, True, FAST_RCP, BLOCK)
             else:
                 tau += _tile_row(s_row, t_row, gs_row, gt_row, ti, C,
-                                 s_centre, t_centre, k, two_k,
+                                 s_centre, t_centre, exp2_scale,
                                  ACC, HARD, NEED_GS, NEED_GT, False, False, BLOCK)
 
     c_acc = tl.sum(zero + C, axis=0)
@@ -388,6 +389,13 @@ def _kendall_pairs_kernel(
             _scale_row(gt_row, C, grad_scale, bad, BLOCK)
     else:
         tl.store(tau_scratch_ptr + row * n_splits + split, tl.where(bad, float("nan"), tau))
+
+
+# Autotuned by timing on the GPU. Without prune_configs_by, which torch.compile of user kernels does
+# not support on every torch >= 2.6.
+_kendall_pairs_kernel_tuned = triton.autotune(
+    configs=GPU_CONFIGS, key=["C", "HARD", "NEED_GS", "NEED_GT", "FUSED_FINALIZE", "FAST_RCP"]
+)(_kendall_pairs_kernel)
 
 
 @triton.jit
@@ -475,12 +483,20 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, k: float) -> Non
         raise RuntimeError(f"{OP_NAME} expects one device, got {student.device} and {teacher.device}")
     if student.shape[1] < 2:
         raise RuntimeError(f"{OP_NAME} needs C >= 2, got {student.shape[1]}")
-    if not (math.isfinite(k) and 0 < k < 3.0e38):
-        raise RuntimeError(f"{OP_NAME} needs a positive finite k below 3e38, got {k}")
+    if not (math.isfinite(k) and 0 < k < 1.0e38):
+        raise RuntimeError(f"{OP_NAME} needs a positive finite k below 1e38, got {k}")
 
 
-@torch.library.triton_op(OP_NAME, mutates_args=())
-def kendall_triton(
+def _launcher(kernel):
+    """``kernel[grid](...)`` as the op body calls it.
+
+    On the GPU through ``wrap_triton``, so that torch.compile sees the kernels inside the op. Under
+    the interpreter the kernels are plain Python and the op is opaque (see below): call them as is.
+    """
+    return kernel if INTERPRETING else torch.library.wrap_triton(kernel)
+
+
+def _kendall_triton(
     student: torch.Tensor,
     teacher: torch.Tensor,
     k: float,
@@ -496,15 +512,18 @@ def kendall_triton(
     _check_inputs(student, teacher, k)
     rows, c = student.shape
     acc = accumulation_dtype(student.dtype)
-    empty = student.new_empty((0,), dtype=acc)
+
+    def nothing() -> torch.Tensor:  # a distinct placeholder for each unused output or buffer
+        return student.new_empty((0,), dtype=acc)
+
     loss = student.new_empty((rows,), dtype=acc)
-    grad_s = student.new_empty((rows, c), dtype=acc) if need_grad_student else empty
+    grad_s = student.new_empty((rows, c), dtype=acc) if need_grad_student else nothing()
     if need_grad_teacher:
         # A hard teacher's gradient is identically zero: no kernel work for it.
         alloc = student.new_zeros if hard_teacher else student.new_empty
         grad_t = alloc((rows, c), dtype=acc)
     else:
-        grad_t = student.new_empty((0,), dtype=acc)
+        grad_t = nothing()
     if rows == 0:
         return loss, grad_s, grad_t
 
@@ -513,25 +532,33 @@ def kendall_triton(
     splits = num_splits(rows, c, student.device)
     fused = splits == 1
     scratch_rows = (splits - 1) * rows
-    gs_scratch = student.new_empty((scratch_rows, c), dtype=acc) if need_gs and not fused else empty
-    gt_scratch = student.new_empty((scratch_rows, c), dtype=acc) if need_gt and not fused else empty
-    tau_scratch = empty if fused else student.new_empty((rows, splits), dtype=acc)
+    gs_scratch = student.new_empty((scratch_rows, c), dtype=acc) if need_gs and not fused else nothing()
+    gt_scratch = student.new_empty((scratch_rows, c), dtype=acc) if need_gt and not fused else nothing()
+    tau_scratch = nothing() if fused else student.new_empty((rows, splits), dtype=acc)
     k_hi, k_lo = _float32_halves(float(k))
+    exp2_scale_hi, exp2_scale_lo = _float32_halves(2.0 * float(k) / math.log(2.0))
     # Rows may be strided (a view of a bigger tensor); columns must be dense for the kernel.
     if student.stride(1) != 1:
         student = student.contiguous()
     if teacher.stride(1) != 1:
         teacher = teacher.contiguous()
 
-    torch.library.wrap_triton(_kendall_pairs_kernel)[(rows, splits)](
+    pair_args = (
         student, teacher, student.stride(0), teacher.stride(0),
         loss, grad_s, grad_t, gs_scratch, gt_scratch, tau_scratch,
-        rows, c, k_hi, k_lo, RATIO_MAX_SPREAD[acc],
-        HARD=bool(hard_teacher), NEED_GS=need_gs, NEED_GT=need_gt, FUSED_FINALIZE=fused,
-        FAST_RCP=acc == torch.float32 and not INTERPRETING,
+        rows, c, k_hi, k_lo, exp2_scale_hi, exp2_scale_lo, RATIO_MAX_SPREAD[acc],
     )
+    flags = dict(HARD=bool(hard_teacher), NEED_GS=need_gs, NEED_GT=need_gt, FUSED_FINALIZE=fused)
+    if INTERPRETING:
+        _launcher(_kendall_pairs_kernel)[(rows, splits)](
+            *pair_args, **flags, FAST_RCP=False, BLOCK=interpreter_block(c), num_warps=1
+        )
+    else:
+        _launcher(_kendall_pairs_kernel_tuned)[(rows, splits)](
+            *pair_args, **flags, FAST_RCP=acc == torch.float32
+        )
     if not fused:
-        torch.library.wrap_triton(_kendall_finalize_kernel)[(rows, triton.cdiv(c, FINALIZE_BLOCK))](
+        _launcher(_kendall_finalize_kernel)[(rows, triton.cdiv(c, FINALIZE_BLOCK))](
             loss, grad_s, grad_t, gs_scratch, gt_scratch, tau_scratch,
             rows, c, splits, k_hi, k_lo,
             NEED_GS=need_gs, NEED_GT=need_gt, SPLITS_POW2=triton.next_power_of_2(splits),
@@ -539,5 +566,15 @@ def kendall_triton(
         )
     return loss, grad_s, grad_t
 
+
+if INTERPRETING:
+    # An opaque custom op: fake tensors cannot run interpreted kernels, so torch.compile must not
+    # trace into the body; the shared fake implementation gives it the output shapes instead.
+    kendall_triton = torch.library.custom_op(OP_NAME, mutates_args=())(_kendall_triton)
+    kendall_triton.register_fake(ops.kendall_fake)
+else:
+    # triton_op: torch.compile (Inductor) sees and schedules the kernels; the body, run on fake
+    # tensors, is the fake implementation.
+    kendall_triton = torch.library.triton_op(OP_NAME, mutates_args=())(_kendall_triton)
 
 ops.register_autograd(OP_NAME)
