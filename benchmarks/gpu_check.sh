@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# One GPU window verifies everything (issue 3, item 6): on a machine with a CUDA GPU,
+#   1. build the package (CPU and CUDA extensions),
+#   2. run the whole test suite on CUDA tensors (conftest picks CUDA when a GPU is present),
+#   3. report the Triton autotuner's choices and a small fwd+bwd timing of the fast backends,
+#   4. run the GPU benchmark: the headline cell (B=256, C=1000) first, then the GPU grid,
+# writing logs, CSV and summary.txt into the folder given as the first argument, in about 10 min.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR
+#
+# Environment: PYTHON (default: python3), MAX_JOBS (default: the number of CPUs),
+# GPU_CHECK_BUDGET_S (default 570: the whole run), GPU_CHECK_DRY_RUN=1 (print the steps only).
+# Every step runs under a timeout cut to what is left of the budget, and a failing step does not
+# stop the next ones; summary.txt lists each step's exit status and seconds (124: timed out).
+#
+# On the device tool, whose $OUT takes back at most 8 files, run it in a scratch folder and bring
+# back one archive:
+#   bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/summary.txt "$OUT"/; tar czf "$OUT"/gc.tgz -C /tmp gc
+#
+# To add a step (e.g. the CUDA extension's own runs), call `step NAME CAP_S COMMAND...` below:
+# its output goes to OUT_DIR/NAME.log.
+
+set -u -o pipefail
+
+if [ $# -lt 1 ]; then
+    echo "usage: $0 OUT_DIR" >&2
+    exit 2
+fi
+OUT_DIR=$1
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-570}
+START_S=$SECONDS
+SUMMARY="$OUT_DIR/summary.txt"
+FAILED=0
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # the real GPU kernels, not the interpreter
+
+: >"$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# step NAME CAP_S COMMAND...: run COMMAND with a timeout of min(CAP_S, budget left), log to NAME.log.
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$((BUDGET_S - (SECONDS - START_S)))
+    local limit=$((cap < left ? cap : left))
+    if [ "$limit" -lt 15 ]; then
+        note "SKIPPED $name: ${left}s of the budget left"
+        FAILED=1
+        return 0
+    fi
+    echo "== $name (at most ${limit}s): $*"
+    if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
+        note "DRY-RUN $name"
+        return 0
+    fi
+    local t0=$SECONDS status
+    # SIGINT first, so that pytest and the benchmark still print (and write) what they have.
+    timeout -s INT -k 20 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+    status=$?
+    [ "$status" -eq 0 ] || FAILED=1
+    note "$(printf '%-22s exit %3d  %4ds' "$name" "$status" $((SECONDS - t0)))"
+    tail -n 5 "$OUT_DIR/$name.log" | sed 's/^/    /'
+}
+
+note "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+step environment 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__); print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")'"
+
+step build 240 env MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" setup.py build_ext --inplace
+
+step tests 240 "$PY" -m pytest tests -ra -q --junitxml="$OUT_DIR/tests.xml"
+
+# The autotuner's pick per shape, then eager reference vs torch.compile(reference) vs each fast
+# backend at B=256, C=1000, forward+backward, float32 (the issue's performance target).
+# The autotuner's pick per shape, then eager reference vs torch.compile(reference) vs each fast
+# backend at B=256, C=1000, forward+backward, float32 (the issue's performance target). Without a
+# GPU it runs on the CPU (Triton under TRITON_INTERPRET=1) at the sizes GPU_CHECK_TIMING_B/_C give.
+step triton_configs 90 "$PY" - "$OUT_DIR" <<'PYEOF'
+import csv, os, sys, time
+
+import torch
+
+from rkkd_kernels import available_backends, kendall_loss
+from rkkd_kernels import triton_kernel as tk
+
+out_dir = sys.argv[1]
+cuda = torch.cuda.is_available()
+device = "cuda" if cuda else "cpu"
+b = int(os.environ.get("GPU_CHECK_TIMING_B", 256))
+c = int(os.environ.get("GPU_CHECK_TIMING_C", 1000))
+print("device", device, "available backends:", available_backends())
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+# Which tile and warps the autotuner picks, per (rows, C), student gradient only.
+shapes = [(256, 100), (256, 1000), (256, 4096), (32, 1024), (8, 32000)] if cuda else [(4, 40)]
+for rows, cols in shapes:
+    s = torch.randn(rows, cols, device=device)
+    torch.ops.rkkd.kendall_triton(s, torch.randn_like(s), 1.0, False, True, False)
+    sync()
+    print(f"rows={rows} C={cols} splits={tk.num_splits(rows, cols, s.device)}")
+if not tk.INTERPRETING:
+    for key, config in tk._kendall_pairs_kernel_tuned.cache.items():
+        print("autotuned", key, "->", config)
+
+
+def reference(s, t):
+    return kendall_loss(s, t, backend="reference")
+
+
+def timed(fn, s, t, reps):
+    """Median ms of forward+backward (student gradient), and the peak extra GPU memory."""
+    for _ in range(2):
+        s.grad = None
+        fn(s, t).backward()
+    sync()
+    peak = None
+    if cuda:
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        s.grad = None
+        sync()
+        t0 = time.perf_counter()
+        fn(s, t).backward()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    return sorted(times)[len(times) // 2], peak
+
+
+s = torch.randn(b, c, device=device, requires_grad=True)
+t = torch.randn(b, c, device=device)
+input_bytes = 2 * s.numel() * s.element_size()
+providers = {"reference": reference, "reference_compiled": torch.compile(reference)}
+for name, why in available_backends().items():
+    native = name == "cpu" if not cuda else name in ("triton", "cuda")
+    if why is None and (native or (name == "triton" and tk.INTERPRETING)):
+        providers[name] = lambda s, t, name=name: kendall_loss(s, t, backend=name)
+rows = []
+for name, fn in providers.items():
+    ms, peak = timed(fn, s, t, reps=5 if name == "reference" else 20)
+    rows.append({"provider": name, "device": device, "B": b, "C": c, "dtype": "float32",
+                 "mode": "forward+backward", "median_ms": round(ms, 4), "peak_extra_bytes": peak,
+                 "peak_over_input": None if peak is None else round(peak / input_bytes, 3)})
+for row in rows:
+    row["speedup_vs_eager"] = round(rows[0]["median_ms"] / row["median_ms"], 2)
+    row["speedup_vs_compiled"] = round(rows[1]["median_ms"] / row["median_ms"], 2)
+    print(row)
+with open(os.path.join(out_dir, "quick_timing.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+PYEOF
+
+if [ -f benchmarks/bench_kendall.py ]; then
+    step bench_headline 150 "$PY" -m benchmarks.bench_kendall --device cuda --headline --out "$OUT_DIR/bench_headline"
+    step bench_gpu 600 "$PY" -m benchmarks.bench_kendall --device cuda --out "$OUT_DIR/bench"
+else
+    note "benchmarks/bench_kendall.py absent: quick_timing.csv (step triton_configs) is the benchmark"
+fi
+
+note "total $((SECONDS - START_S))s of a ${BUDGET_S}s budget; logs and CSV in $OUT_DIR"
+exit $FAILED
