@@ -9,9 +9,8 @@
 //      gets `splits` blocks, which deal the tile pairs out in snake order (0 1 2 2 1 0 0 1 ...;
 //      full off-diagonal tile pairs first, the half-size diagonal ones last, so the loads even
 //      out). A block adds its partial gradient sums into a scratch slice that it alone owns
-//      (splits x C per row and gradient).
-//      No address is written by two blocks, so there are no atomics, and every sum is taken in
-//      one fixed order: results are bitwise reproducible.
+//      (splits x C per row and gradient). No address is written by two blocks, so there are no
+//      atomics, and every sum is taken in one fixed order: results are bitwise reproducible.
 //   3. finish_rows: adds the slices of each channel in slice order, scales, writes loss and
 //      gradients in the accumulation dtype (NaN rows written here).
 // Extra memory: the plan (rows) and the scratch, rows x splits x C per gradient with splits at
@@ -474,15 +473,15 @@ int multiprocessor_count() {
   return count;
 }
 
-// Blocks per row. Up to the number of blocks the GPU holds at once (8 per SM for the float kernel),
+// Blocks per row. Up to the number of blocks the GPU holds at once (8 per SM for float, 4 for double),
 // as many as fit in one wave: all run side by side and end together, rather than a short second
 // wave trailing behind. No more than the row has tile pairs or kMaxSplits, and a scratch of at
 // most kScratchSoftLimit bytes unless even 4 splits exceed it (then 4: a long row still spreads
 // over a few SMs).
-int choose_splits(int64_t rows, int64_t c, int sums_per_row, size_t acc_bytes) {
+int choose_splits(int64_t rows, int64_t c, int sums_per_row, size_t acc_bytes, int sms) {
   const int64_t n_tiles = (c + kTile - 1) / kTile;
   const int64_t tile_pairs = n_tiles * (n_tiles + 1) / 2;
-  const int64_t resident_blocks = int64_t(multiprocessor_count()) * 8;
+  const int64_t resident_blocks = int64_t(sms) * (acc_bytes == sizeof(double) ? 4 : 8);
   int64_t splits = resident_blocks / rows;
   const int64_t bytes_per_split = rows * c * sums_per_row * int64_t(acc_bytes);
   splits = std::min(splits, std::max<int64_t>(4, kScratchSoftLimit / bytes_per_split));
@@ -553,7 +552,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cuda(const at::Tensor& st
   // The teacher's sums are kept only when asked for and not identically zero.
   const bool keep_gt = need_grad_t && !hard_teacher;
   const int sums_per_row = keep_gt ? 2 : 1;
-  const int splits = choose_splits(rows, c, sums_per_row, acc_type == at::kDouble ? 8 : 4);
+  const int sms = multiprocessor_count();
+  const int splits = choose_splits(rows, c, sums_per_row, acc_type == at::kDouble ? 8 : 4, sms);
   at::Tensor plans = at::empty({rows * int64_t(sizeof(RowPlan))}, s.options().dtype(at::kByte));
   at::Tensor scratch = at::empty({rows, splits, sums_per_row, c}, opts);
   at::Tensor tau_scratch = at::empty({rows, splits}, opts);
@@ -580,7 +580,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cuda(const at::Tensor& st
 
     const int64_t work = std::max<int64_t>(rows * ((need_grad_s || need_grad_t) ? c : 1), 1);
     const int finish_blocks = int(std::min<int64_t>((work + kFinishThreads - 1) / kFinishThreads,
-                                                    int64_t(multiprocessor_count()) * 32));
+                                                    int64_t(sms) * 32));
     finish_rows<acc_t><<<finish_blocks, kFinishThreads, 0, stream>>>(
         plan_ptr, scratch.data_ptr<acc_t>(), tau_scratch.data_ptr<acc_t>(), rows, c, k,
         hard_teacher, splits, sums_per_row, loss.data_ptr<acc_t>(),

@@ -32,9 +32,9 @@ def why_cuda_build_not_expected():
         return "RKKD_SKIP_CUDA=1"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
-    cuda_home = os.environ.get("CUDA_HOME")
-    if shutil.which("nvcc") is None and not (cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))):
-        return "no nvcc on PATH or in CUDA_HOME"
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]  # where setup.py also looks
+    if shutil.which("nvcc") is None and not any(h and os.path.exists(os.path.join(h, "bin", "nvcc")) for h in homes):
+        return "no nvcc on PATH, in CUDA_HOME or in /usr/local/cuda"
     return None
 
 
