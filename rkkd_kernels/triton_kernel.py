@@ -16,10 +16,12 @@ tj >= ti are visited, and inside the diagonal tile only j > i, so each unordered
 once. Program (row, split) takes whole tile-rows ti (its i-tiles, given out to the row's splits in
 snake order so that long and short tile-rows balance) and streams their tiles tj = ti .. T-1:
 
-- the i-side sums (tau, d/ds_i, d/dt_i of the tile-row) stay in registers;
-- the j-side sums (each pair's term is subtracted from j) are added, tile by tile, into a partial
-  gradient row that belongs to this program alone. No atomics: one program owns each partial row
-  and updates it in a fixed order, so results are bitwise reproducible.
+- the i-side sums (tau, d/ds_i, d/dt_i of the tile-row) build up in BLOCK x BLOCK register tiles
+  (adds only) and are reduced once per tile-row;
+- the j-side sums (each pair's term is subtracted from j) are reduced over the tile's i and added,
+  tile by tile, into a partial gradient row that belongs to this program alone (read-modify-write
+  between block barriers). No atomics: one program owns each partial row and updates it in a fixed
+  order, so results are bitwise reproducible (see _autotune_options for the tile choice).
 
 Usually there is one split per row (rows >= number of SMs); the partial row is then the output row
 itself and the same program scales it at the end (one launch). With few rows, each row gets up to
@@ -37,9 +39,14 @@ One division per pair and tensor, no cancellation where tanh saturates (p * q st
 where every a_i is a normal number and a_i + a_j cannot overflow. Rows beyond that take the direct
 form, tanh(d) = sign(d) (1 - e) / (1 + e) with e = exp(-2|d|) in (0, 1], which cannot overflow
 either; the choice is one uniform branch per row, taken inside the kernel (no host sync). This is
-the same split as the CPU kernel (csrc/pair_math.h); the ratio form is also what makes the GPU fast
-(one MUFU reciprocal per pair and tensor, no libdevice tanh, no tanh.approx error), and the
-interpreter, which has no libdevice, runs the very same code.
+the same split as the CPU kernel (csrc/pair_math.h). The ratio form is also what makes the GPU fast:
+one reciprocal per pair and tensor (rcp.approx.ftz.f32, 1 ulp, for float32 on the GPU), and one
+exp2 per element and tile, with 2k / ln 2 folded into a per-row scale; no libdevice tanh, and none
+of tanh.approx's 2^-11 error. The interpreter, which has no libdevice, runs the same code with an
+exact division. Interior tiles skip the per-pair mask; only diagonal and last tiles carry it.
+
+Under TRITON_INTERPRET=1 the op is an opaque ``custom_op`` (fake tensors cannot run interpreted
+kernels); on the GPU it is a ``triton_op``, so torch.compile sees the kernels.
 
 Rows holding a non-finite logit skip the pair loop and get NaN loss and gradients (a hard teacher's
 zero gradient stays zero).
@@ -47,6 +54,7 @@ zero gradient stays zero).
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import struct
@@ -360,9 +368,7 @@ def _kendall_pairs_kernel(
             tl.store(gt_row + cols, tl.zeros([BLOCK], ACC), mask=cols < C)
 
     n_tiles = tl.cdiv(C, BLOCK)
-    n_rounds = tl.cdiv(n_tiles, n_splits)
-    if bad:
-        n_rounds = 0
+    n_rounds = tl.where(bad, 0, tl.cdiv(n_tiles, n_splits))
     tau = tl.sum(zero, axis=0)
     for rnd in range(0, n_rounds):
         # Snake order: round r gives tiles r*S .. r*S+S-1 to splits 0..S-1, reversed on odd rounds.
@@ -391,10 +397,23 @@ def _kendall_pairs_kernel(
         tl.store(tau_scratch_ptr + row * n_splits + split, tl.where(bad, float("nan"), tau))
 
 
+def _autotune_options() -> Dict[str, bool]:
+    """cache_results (Triton >= 3.2): the pick is saved on disk and reused by later processes.
+
+    The tile width and warps fix the order of the sums, so two configurations differ in the last
+    bits: with the pick cached, every process on a machine computes bitwise the same results, not
+    only every call within one process.
+    """
+    params = inspect.signature(triton.autotune).parameters
+    return {"cache_results": True} if "cache_results" in params else {}
+
+
 # Autotuned by timing on the GPU. Without prune_configs_by, which torch.compile of user kernels does
 # not support on every torch >= 2.6.
 _kendall_pairs_kernel_tuned = triton.autotune(
-    configs=GPU_CONFIGS, key=["C", "HARD", "NEED_GS", "NEED_GT", "FUSED_FINALIZE", "FAST_RCP"]
+    configs=GPU_CONFIGS,
+    key=["C", "HARD", "NEED_GS", "NEED_GT", "FUSED_FINALIZE", "FAST_RCP"],
+    **_autotune_options(),
 )(_kendall_pairs_kernel)
 
 
