@@ -34,7 +34,7 @@ STUDENTS = [
     ("ce_kd_rank", "CE + KD + Kendall", 1.0, 1.0, 1.0),
 ]
 
-COLUMNS = ["model", "loss", "val_top1", "best_val_top1", "val_top5", "val_tau", "images_per_s",
+COLUMNS = ["network", "loss", "val_top1", "best_val_top1", "val_top5", "val_tau", "images_per_s",
            "rank_time_share", "wall_s"]
 
 
@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--train-per-class", type=int, default=20)
     parser.add_argument("--val-per-class", type=int, default=5)
-    parser.add_argument("--teacher-epochs", type=int, default=12)
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of each student")
+    parser.add_argument("--teacher-epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6, help="epochs of each student")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rank-weight", type=float, default=1.0)
     parser.add_argument("--rank-k", type=float, default=1.0)
@@ -111,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     teacher = teacher_summary["model"].eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
-    rows = [{"model": f"teacher {args.teacher_arch}", "loss": "CE", **teacher_summary}]
+    rows = [{**teacher_summary, "network": f"teacher {args.teacher_arch}", "loss": "CE"}]
 
     histories: Dict[str, List[Dict[str, Any]]] = {}
     for name, description, ce_weight, kd_weight, rank_weight in STUDENTS:
@@ -123,8 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       kd_weight, rank_weight, seed_offset=2, teacher_steps=teacher_summary["steps"])
         summary = train_phase(cfg, phase, data, teacher, runtime)
         histories[description] = summary.pop("history")
-        rows.append({"model": f"student {args.student_arch}", "loss": description, **summary})
-    teacher_summary.pop("history", None)
+        rows.append({**summary, "network": f"student {args.student_arch}", "loss": description})
 
     table = format_table(rows, COLUMNS)
     wall = time.perf_counter() - start
