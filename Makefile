@@ -31,7 +31,7 @@ test: $(BUILT)
 	$(PY) -m pytest tests -ra
 
 demo: $(BUILT)
-	$(PY) -m benchmarks.bench_kendall --headline
+	$(PY) -m train.demo --out runs/demo
 
 bench: $(BUILT)
 	$(PY) -m benchmarks.bench_kendall
