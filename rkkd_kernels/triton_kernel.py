@@ -76,9 +76,9 @@ RATIO_MAX_SPREAD = {torch.float32: 80.0, torch.float64: 700.0}
 
 # At most this many programs share one row (the finalize kernel adds their partial rows).
 MAX_SPLITS = 64
-# A split gets at least this many columns (a few tile-rows), or the split's fixed costs (row range,
-# zeroing its partial row) would outweigh its share of the pairs.
-MIN_COLUMNS_PER_SPLIT = 16 if INTERPRETING else 256
+# A split gets at least this many columns (two or more tile-rows), or the split's fixed costs (row
+# range, zeroing its partial row) would outweigh its share of the pairs.
+MIN_COLUMNS_PER_SPLIT = 16 if INTERPRETING else 128
 # The interpreter has no SMs; this stands in so that small test inputs exercise multi-split rows.
 INTERPRETER_PROGRAMS = 4
 
