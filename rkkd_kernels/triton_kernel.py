@@ -68,7 +68,9 @@ from . import ops
 from .reference import accumulation_dtype
 
 if not hasattr(torch.library, "triton_op"):  # backends reads an ImportError as "Triton absent"
-    raise ImportError(f"the Triton backend needs torch >= 2.6 (torch.library.triton_op); torch is {torch.__version__}")
+    raise ImportError(
+        f"the Triton backend needs torch >= 2.6 (torch.library.triton_op); torch is {torch.__version__}"
+    )
 
 OP_NAME = "rkkd::kendall_triton"
 
