@@ -69,7 +69,11 @@ step() {
 }
 
 note "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-step environment 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__); print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")'"
+ENV_INFO='import sys, torch, triton
+print(sys.version)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, "SMs")'
+step environment 30 bash -c "nvidia-smi; $PY -c '$ENV_INFO'"
 
 step build 240 env MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" setup.py build_ext --inplace
 
@@ -165,7 +169,8 @@ with open(os.path.join(out_dir, "quick_timing.csv"), "w", newline="") as f:
 PYEOF
 
 if [ -f benchmarks/bench_kendall.py ]; then
-    step bench_headline 150 "$PY" -m benchmarks.bench_kendall --device cuda --headline --out "$OUT_DIR/bench_headline"
+    step bench_headline 150 "$PY" -m benchmarks.bench_kendall --device cuda --headline \
+        --out "$OUT_DIR/bench_headline"
     step bench_gpu 600 "$PY" -m benchmarks.bench_kendall --device cuda --out "$OUT_DIR/bench"
 else
     note "benchmarks/bench_kendall.py absent: quick_timing.csv (step triton_configs) is the benchmark"

@@ -101,7 +101,9 @@ def test_op_registered_with_the_shared_schema_and_autograd():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
-@pytest.mark.parametrize("hard,need", [(False, (True, True)), (False, (True, False)), (True, (True, True)), (False, (False, False))])
+@pytest.mark.parametrize(
+    "hard,need", [(False, (True, True)), (False, (True, False)), (True, (True, True)), (False, (False, False))]
+)
 def test_opcheck(dtype, hard, need):
     s = logits((3, 7), dtype, seed=3)
     t = logits((3, 7), dtype, seed=4)
