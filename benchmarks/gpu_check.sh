@@ -80,8 +80,6 @@ step build 240 env MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" setup.py build_ext --i
 step tests 240 "$PY" -m pytest tests -ra -q --junitxml="$OUT_DIR/tests.xml"
 
 # The autotuner's pick per shape, then eager reference vs torch.compile(reference) vs each fast
-# backend at B=256, C=1000, forward+backward, float32 (the issue's performance target).
-# The autotuner's pick per shape, then eager reference vs torch.compile(reference) vs each fast
 # backend at B=256, C=1000, forward+backward, float32 (the issue's performance target). Without a
 # GPU it runs on the CPU (Triton under TRITON_INTERPRET=1) at the sizes GPU_CHECK_TIMING_B/_C give.
 step triton_configs 90 "$PY" - "$OUT_DIR" <<'PYEOF'

@@ -69,8 +69,6 @@ CASES = [(c, k, hard) for c in (2, 3, 17, 100, 1000, 1023) for k in (0.25, 1.0, 
 @pytest.mark.parametrize("c,k,hard", CASES, ids=[f"C{c}-k{k}-{'hard' if h else 'soft'}" for c, k, h in CASES])
 def test_matches_reference(backend_device, dtype, c, k, hard):
     backend, device = backend_device
-    if interpreted(backend, device) and c > 100 and (k, hard) != (1.0, False):
-        pytest.skip("interpreter: large C only at k=1, soft teacher (the other k run at C <= 100)")
     rows = 2 if c >= 1000 else 5
     s = make_logits((rows, c), dtype, seed=c, device=device)
     t = make_logits((rows, c), dtype, seed=c + 1, device=device)
