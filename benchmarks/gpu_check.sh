@@ -169,6 +169,14 @@ PYEOF
 if [ -f benchmarks/bench_kendall.py ]; then
     step bench_headline 150 "$PY" -m benchmarks.bench_kendall --device cuda --headline \
         --out "$OUT_DIR/bench_headline"
+    # Issue 4's target: the CUDA extension within 1.5x of the Triton kernel at the headline cell.
+    step cuda_vs_triton 15 "$PY" - "$OUT_DIR/bench_headline/headline.csv" <<'PYEOF'
+import csv, sys
+ms = {r["backend"]: float(r["median_ms"]) for r in csv.DictReader(open(sys.argv[1])) if r.get("median_ms")}
+ratio = ms["cuda"] / ms["triton"]
+print(f"cuda {ms['cuda']:.3f} ms, triton {ms['triton']:.3f} ms: cuda/triton {ratio:.2f} (target <= 1.5)")
+sys.exit(0 if ratio <= 1.5 else 1)
+PYEOF
     step bench_gpu 600 "$PY" -m benchmarks.bench_kendall --device cuda --out "$OUT_DIR/bench"
 else
     note "benchmarks/bench_kendall.py absent: quick_timing.csv (step triton_configs) is the benchmark"
