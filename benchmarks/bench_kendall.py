@@ -7,7 +7,7 @@
     python -m benchmarks.bench_kendall --device cuda      # the GPU preset (a few minutes)
 
 Writes into --out (default benchmarks/results/): results.csv (or headline.csv), e2e.csv,
-tables.md, run_info.json, time_vs_C.png, memory_vs_C.png, speedup.png, and worker logs.
+tables.md, run_info.json, time_vs_C.png, memory_vs_C.png, speedup.png; the worker logs in tmp/.
 
 Each cell is measured in child processes (benchmarks/worker.py): one times it, one (on the CPU)
 measures its peak resident-set growth. Reference cells whose estimated memory exceeds --mem-cap-gb
@@ -81,7 +81,7 @@ PRESETS: Dict[str, Preset] = {
                    MODES, 0.25, 3, True),
     # CI smoke: small cells only, every provider and mode, a top_k cell.
     "quick": Preset("quick", (Shape(32, 10), Shape(32, 100), Shape(256, 100), Shape(32, 1000, 64)),
-                    MODES, 0.05, 3, False),
+                    MODES, 0.1, 3, False),
     # GPU: fewer shapes, because each compiled-reference shape costs a compilation (gpu_check.sh
     # has a few minutes for the whole benchmark).
     "gpu": Preset("gpu", grid((32, 256, 1024), (100, 1000, 4096), (), 32000)
@@ -247,6 +247,7 @@ def machine_info(device: str) -> Dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         # Other work on the machine shows in the timings: the load is recorded at start and end.
         "load_average_at_start": os.getloadavg(),
+        "parallel_probe_at_start": parallel_probe(),
     }
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -257,6 +258,27 @@ def machine_info(device: str) -> Dict[str, object]:
         except ImportError:
             info["triton"] = None
     return info
+
+
+def parallel_probe() -> Dict[str, float]:
+    """tanh of 2M floats on one thread and on all: on a shared machine, whether the cores were free.
+
+    A ratio (one thread / all threads) near the thread count means they were; below 1, the other
+    cores were busy elsewhere and every parallel region waited for them.
+    """
+    x = torch.randn(2_000_000)
+    threads = torch.get_num_threads()
+    result = {}
+    for n in (1, threads):
+        torch.set_num_threads(n)
+        torch.tanh(x)
+        start = time.perf_counter()
+        for _ in range(20):
+            torch.tanh(x)
+        result[f"tanh_2M_{n}_threads_ms"] = round((time.perf_counter() - start) / 20 * 1e3, 3)
+    torch.set_num_threads(threads)
+    result["parallel_speedup"] = round(result["tanh_2M_1_threads_ms"] / result[f"tanh_2M_{threads}_threads_ms"], 2)
+    return result
 
 
 def _cpu_model() -> str:
@@ -383,10 +405,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # One fresh Inductor cache for the run: compile_s is a cold compile, the same on every run.
     cache_dir = tempfile.mkdtemp(prefix="rkkd_bench_inductor_")
     env = {"TORCHINDUCTOR_CACHE_DIR": cache_dir}
-    timer = Worker(os.path.join(args.out, "worker_timing.log"), env)
+    log_dir = os.path.join(args.out, "tmp")  # benchmarks/results/tmp/ is git-ignored
+    os.makedirs(log_dir, exist_ok=True)
+    timer = Worker(os.path.join(log_dir, "worker_timing.log"), env)
     # On a GPU the allocator's statistics are exact, so one process does both.
     memory_meter = timer if args.device == "cuda" else Worker(
-        os.path.join(args.out, "worker_memory.log"), {**env, **MEMORY_WORKER_ENV})
+        os.path.join(log_dir, "worker_memory.log"), {**env, **MEMORY_WORKER_ENV})
     for log in {timer.log_path, memory_meter.log_path}:
         open(log, "w").close()
 
@@ -410,11 +434,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shutil.rmtree(cache_dir, ignore_errors=True)
     info["wall_s"] = round(time.perf_counter() - start, 1)
     info["load_average_at_end"] = os.getloadavg()
+    info["parallel_probe_at_end"] = parallel_probe()
     write_outputs(args.out, preset, rows, e2e_rows, info, args.mem_cap_gb)
     print(f"\n{info['wall_s']} s on {info['cpu_model']} ({info['cpu_cores']} cores"
           + (f", {info['gpu']}" if "gpu" in info else "")
           + f"; load average {info['load_average_at_start'][0]:.1f} at start, "
-          f"{info['load_average_at_end'][0]:.1f} at end); results in {os.path.relpath(args.out)}")
+          f"{info['load_average_at_end'][0]:.1f} at end; {torch.get_num_threads()}-thread speed-up of "
+          f"tanh {info['parallel_probe_at_start']['parallel_speedup']} at start, "
+          f"{info['parallel_probe_at_end']['parallel_speedup']} at end); "
+          f"results in {os.path.relpath(args.out)}")
     return 0
 
 

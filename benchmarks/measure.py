@@ -38,6 +38,11 @@ DTYPES = {
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+# Calls at least this slow are timed one by one. Below it, blocks of back-to-back calls: a lone call
+# on a busy machine also pays for waking the thread pool (several ms when other processes hold the
+# cores), which says nothing about the kernel.
+SLOW_CALL_S = 0.1
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -153,7 +158,7 @@ def time_cuda(fn: Callable[[], Any], once_s: float, min_run_time_s: float, min_r
 def time_calls(fn: Callable[[], Any], device: str, once_s: float, min_run_time_s: float,
                min_reps: int) -> Timing:
     """Blocks of calls for fast functions; single calls, ``min_reps`` or more, for slow ones."""
-    if once_s * min_reps >= min_run_time_s:
+    if once_s >= max(SLOW_CALL_S, min_run_time_s / min_reps):
         reps = max(min_reps, math.ceil(min_run_time_s / once_s))
         return timing_of([wall_seconds(fn, device) for _ in range(reps)])
     if device.startswith("cuda"):
@@ -257,8 +262,8 @@ def measure_times(spec: Spec) -> Dict[str, Any]:
     The first forward+backward compiles (reference_compiled), loads kernels and starts thread pools;
     a second one gives the steady time (for the compiled reference, compile_s is the difference).
     Fast calls are timed in blocks (torch.utils.benchmark on the CPU, CUDA events on a GPU) for at
-    least ``min_run_time_s``; calls slower than ``min_run_time_s / min_reps`` are timed one by one,
-    ``min_reps`` times or more.
+    least ``min_run_time_s``; calls slower than that over ``min_reps`` (and than SLOW_CALL_S) are timed
+    one by one, ``min_reps`` times or more.
     """
     student, teacher = make_inputs(spec.batch, spec.classes, spec.dtype, spec.device, spec.seed)
     loss_fn = loss_function(spec.provider, spec.top_k)
@@ -270,7 +275,7 @@ def measure_times(spec: Spec) -> Dict[str, Any]:
     step_s = wall_seconds(step, spec.device)  # the first call after the warm-up
     compile_s = max(0.0, first_s - step_s) if spec.provider == "reference_compiled" else None
 
-    if step_s * spec.min_reps >= spec.min_run_time_s:
+    if step_s >= max(SLOW_CALL_S, spec.min_run_time_s / spec.min_reps):
         reps = max(spec.min_reps, math.ceil(spec.min_run_time_s / step_s))
         timings = time_slow_calls(loss_fn, student, teacher, spec.device, spec.modes, reps, step_s)
     else:
