@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #endif
 
+#include "kendall_op.h"
 #include "pair_math.h"
 
 namespace rkkd {
@@ -279,24 +280,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cpu(const at::Tensor& stu
                                                            const at::Tensor& teacher, double k,
                                                            bool hard_teacher, bool need_grad_s,
                                                            bool need_grad_t) {
-  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
-              "rkkd::kendall expects two (rows, C) tensors of one shape, got ", student.sizes(),
-              " and ", teacher.sizes());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "rkkd::kendall expects one dtype, got ", student.scalar_type(), " and ",
-              teacher.scalar_type());
-  TORCH_CHECK(student.size(1) >= 2, "rkkd::kendall needs C >= 2, got ", student.size(1));
-  TORCH_CHECK(std::isfinite(k) && k > 0, "rkkd::kendall needs a positive finite k, got ", k);
+  check_kendall_inputs(student, teacher, k);
   const at::Tensor s = student.contiguous();
   const at::Tensor t = teacher.contiguous();
   const int64_t rows = s.size(0), c = s.size(1);
-  const auto acc_type = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = s.options().dtype(acc_type);
-  at::Tensor loss = at::empty({rows}, opts);
-  at::Tensor grad_s = need_grad_s ? at::empty({rows, c}, opts) : at::empty({0}, opts);
-  at::Tensor grad_t = need_grad_t ? at::empty({rows, c}, opts) : at::empty({0}, opts);
+  at::Tensor loss, grad_s, grad_t;
+  std::tie(loss, grad_s, grad_t) = allocate_outputs(s, need_grad_s, need_grad_t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "rkkd_kendall_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    using acc_t = accumulate_t<scalar_t>;
     kendall_rows<scalar_t, acc_t>(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), rows, c, k,
                                   hard_teacher, loss.data_ptr<acc_t>(),
                                   need_grad_s ? grad_s.data_ptr<acc_t>() : nullptr,

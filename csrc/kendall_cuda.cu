@@ -38,6 +38,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "kendall_op.h"
 #include "pair_math.h"
 
 namespace rkkd {
@@ -525,28 +526,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cuda(const at::Tensor& st
                                                             const at::Tensor& teacher, double k,
                                                             bool hard_teacher, bool need_grad_s,
                                                             bool need_grad_t) {
-  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
-              "rkkd::kendall expects two (rows, C) tensors of one shape, got ", student.sizes(),
-              " and ", teacher.sizes());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "rkkd::kendall expects one dtype, got ", student.scalar_type(), " and ",
-              teacher.scalar_type());
-  TORCH_CHECK(student.is_cuda() && teacher.device() == student.device(),
-              "rkkd::kendall (CUDA) expects both tensors on one CUDA device, got ",
-              student.device(), " and ", teacher.device());
-  TORCH_CHECK(student.size(1) >= 2, "rkkd::kendall needs C >= 2, got ", student.size(1));
-  TORCH_CHECK(std::isfinite(k) && k > 0, "rkkd::kendall needs a positive finite k, got ", k);
+  check_kendall_inputs(student, teacher, k);
+  TORCH_CHECK(student.is_cuda(), "rkkd::kendall (CUDA) expects CUDA tensors, got ", student.device());
   TORCH_CHECK(student.size(0) <= std::numeric_limits<int32_t>::max(),
               "rkkd::kendall (CUDA) takes at most 2^31 - 1 rows, got ", student.size(0));
   const c10::cuda::CUDAGuard device_guard(student.device());
   const at::Tensor s = student.contiguous();
   const at::Tensor t = teacher.contiguous();
   const int64_t rows = s.size(0), c = s.size(1);
-  const auto acc_type = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = accumulation_type(s.scalar_type());
   const auto opts = s.options().dtype(acc_type);
-  at::Tensor loss = at::empty({rows}, opts);
-  at::Tensor grad_s = need_grad_s ? at::empty({rows, c}, opts) : at::empty({0}, opts);
-  at::Tensor grad_t = need_grad_t ? at::empty({rows, c}, opts) : at::empty({0}, opts);
+  at::Tensor loss, grad_s, grad_t;
+  std::tie(loss, grad_s, grad_t) = allocate_outputs(s, need_grad_s, need_grad_t);
   if (rows == 0) return {loss, grad_s, grad_t};
 
   // The teacher's sums are kept only when asked for and not identically zero.
@@ -561,7 +552,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cuda(const at::Tensor& st
   auto* plan_ptr = reinterpret_cast<RowPlan*>(plans.data_ptr<uint8_t>());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "rkkd_kendall_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    using acc_t = accumulate_t<scalar_t>;
     const scalar_t* s_ptr = s.data_ptr<scalar_t>();
     const scalar_t* t_ptr = t.data_ptr<scalar_t>();
     plan_rows<scalar_t, acc_t><<<dim3(unsigned(rows)), kPlanThreads, 0, stream>>>(
