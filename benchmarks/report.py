@@ -201,12 +201,24 @@ def _render(header: List[str], lines: List[List[str]], markdown: bool) -> str:
 
 # ------------------------------------------------------------------------------------------- plots
 def write_plots(rows: List[Row], out_dir: str, mem_cap_gb: float) -> List[str]:
-    """time_vs_C.png, memory_vs_C.png, speedup.png; returns the paths written."""
+    """time_vs_C.png, memory_vs_C.png, speedup.png (with a _<dtype> suffix when the run has several
+    dtypes); returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    dtypes = sorted({row["dtype"] for row in rows})
+    paths: List[str] = []
+    for dtype in dtypes:
+        suffix = "" if len(dtypes) == 1 else f"_{dtype}"
+        paths += _plots_of_one_dtype(plt, [r for r in rows if r["dtype"] == dtype], out_dir,
+                                     mem_cap_gb, suffix)
+    return paths
+
+
+def _plots_of_one_dtype(plt, rows: List[Row], out_dir: str, mem_cap_gb: float,
+                        suffix: str) -> List[str]:
     paths = []
     full_rows = [row for row in rows if row["top_k"] is None]
     batches = sorted({row["B"] for row in full_rows})
@@ -245,7 +257,7 @@ def write_plots(rows: List[Row], out_dir: str, mem_cap_gb: float) -> List[str]:
         fig.suptitle(f"kendall_loss time vs C ({device}, {dtype}; missing points: skipped, "
                      "reference over the memory cap)")
         fig.tight_layout()
-        paths.append(_save(fig, os.path.join(out_dir, "time_vs_C.png")))
+        paths.append(_save(fig, os.path.join(out_dir, f"time_vs_C{suffix}.png")))
         plt.close(fig)
 
         floor_mb = 0.01
@@ -269,16 +281,16 @@ def write_plots(rows: List[Row], out_dir: str, mem_cap_gb: float) -> List[str]:
         axes[0][0].legend()
         fig.suptitle(f"kendall_loss peak extra memory vs C ({device}, {dtype})")
         fig.tight_layout()
-        paths.append(_save(fig, os.path.join(out_dir, "memory_vs_C.png")))
+        paths.append(_save(fig, os.path.join(out_dir, f"memory_vs_C{suffix}.png")))
         plt.close(fig)
 
-    speedup_path = _speedup_bars(plt, rows, out_dir)
+    speedup_path = _speedup_bars(plt, rows, out_dir, suffix)
     if speedup_path:
         paths.append(speedup_path)
     return paths
 
 
-def _speedup_bars(plt, rows: List[Row], out_dir: str) -> Optional[str]:
+def _speedup_bars(plt, rows: List[Row], out_dir: str, suffix: str) -> Optional[str]:
     mode = "forward+backward"
     fast = [p for p in providers_in(rows) if p not in REFERENCE_PROVIDERS]
     cells = [s for s in shapes_in([r for r in rows if r["mode"] == mode])]
@@ -310,11 +322,11 @@ def _speedup_bars(plt, rows: List[Row], out_dir: str) -> Optional[str]:
     ax.set_xticklabels([f"B={b}\nC={c}" + (f"\ntop_k={k}" if k else "") for b, c, k, _ in cells],
                        fontsize=7)
     ax.set_ylabel("speed-up (x), log scale")
-    ax.set_title(f"{mode}: speed-up of the fused backends (no bar: reference skipped)")
+    ax.set_title(f"{mode}, {cells[0][3]}: speed-up of the fused backends (no bar: reference skipped)")
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = _save(fig, os.path.join(out_dir, "speedup.png"))
+    path = _save(fig, os.path.join(out_dir, f"speedup{suffix}.png"))
     plt.close(fig)
     return path
 
