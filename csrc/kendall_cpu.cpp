@@ -19,11 +19,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
-
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #include "kendall_op.h"
 #include "pair_math.h"
@@ -49,34 +46,17 @@ struct VecOf<double> {
   using type = F64Vec;
 };
 
-template <>
-struct Arith<F32Vec> {
-  // A hardware reciprocal estimate and one Newton step (r' = r (2 - x r)): about 23 correct bits,
-  // at a fraction of a division's cost; the tests hold it to float32 tolerances.
-  static inline F32Vec reciprocal(F32Vec x) {
-#if defined(__AVX512F__)
-    const F32Vec r = reinterpret_cast<F32Vec>(_mm512_rcp14_ps(reinterpret_cast<__m512>(x)));
-#elif defined(__AVX__)
-    const F32Vec r = reinterpret_cast<F32Vec>(_mm256_rcp_ps(reinterpret_cast<__m256>(x)));
-#else
-    const F32Vec r = 1.0f / x;
-#endif
-    return r * (2.0f - x * r);
-  }
-  static inline F32Vec sign(F32Vec x) {
-    // Vector comparisons give -1 (true) or 0 per lane.
-    return __builtin_convertvector((x < 0.0f) - (x > 0.0f), F32Vec);
-  }
+// Vector arithmetic: a true division (on these cores as fast as a reciprocal estimate refined by a
+// Newton step, measured, and exact), and sign() from lane masks (a comparison gives -1 or 0).
+template <typename V, typename T>
+struct VectorArith {
+  static inline V reciprocal(V x) { return T(1) / x; }
+  static inline V sign(V x) { return __builtin_convertvector((x < T(0)) - (x > T(0)), V); }
 };
-
 template <>
-struct Arith<F64Vec> {
-  // float64 inputs deserve float64 answers (gradcheck): a true division.
-  static inline F64Vec reciprocal(F64Vec x) { return 1.0 / x; }
-  static inline F64Vec sign(F64Vec x) {
-    return __builtin_convertvector((x < 0.0) - (x > 0.0), F64Vec);
-  }
-};
+struct Arith<F32Vec> : VectorArith<F32Vec, float> {};
+template <>
+struct Arith<F64Vec> : VectorArith<F64Vec, double> {};
 
 namespace {
 
@@ -92,11 +72,24 @@ inline void store(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// Sum of a vector's lanes by halving (log2(width) steps), not lane after lane: this runs once per
+// i, so a serial chain of width - 1 dependent adds would cost as much as a short j loop. Shuffles,
+// not memcpy, so that the accumulators stay in registers.
+template <typename Half, typename V, size_t... I>
+inline Half fold_halves(V v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, I...) + __builtin_shufflevector(v, v, (I + sizeof...(I))...);
+}
+
 template <typename V>
 inline auto horizontal_sum(V v) -> typename std::remove_reference<decltype(v[0])>::type {
-  typename std::remove_reference<decltype(v[0])>::type total = 0;
-  for (size_t l = 0; l < sizeof(V) / sizeof(v[0]); ++l) total += v[l];
-  return total;
+  using T = typename std::remove_reference<decltype(v[0])>::type;
+  constexpr size_t kLanes = sizeof(V) / sizeof(T);
+  if constexpr (kLanes == 1) {
+    return v[0];
+  } else {
+    typedef T Half __attribute__((vector_size(sizeof(V) / 2)));
+    return horizontal_sum(fold_halves<Half>(v, std::make_index_sequence<kLanes / 2>{}));
+  }
 }
 
 // Buffers of one thread, reused across its rows. Each has `width` slack lanes so that the masked
@@ -109,44 +102,62 @@ struct RowBuffers {
   }
 };
 
+template <typename V, bool kHard>
+inline PairTerms<V> ratio_pair(V a_i, V b_i, V a_j, V b_j) {
+  const TanhPair<V> s = tanh_from_ratio(a_i, a_j);
+  return kHard ? hard_teacher_pair(s, Arith<V>::sign(b_i - b_j))
+               : soft_teacher_pair(s, tanh_from_ratio(b_i, b_j));
+}
+
 // The fast path: ratio form on SIMD vectors. `a`, `b` hold exp(2k (x - centre)) of student and
 // teacher (for a hard teacher, `b` holds the teacher logits themselves), padded with ones.
+// Two rows i, i + 1 share each pass over j > i + 1: the loads of a_j, b_j and the read-modify-write
+// of the j-side sums are paid once for two pairs.
 template <typename T, bool kHard>
 T ratio_row(const T* a, const T* b, int64_t c, T* gs, T* gt) {
   using V = typename VecOf<T>::type;
   constexpr int64_t W = sizeof(V) / sizeof(T);
+  V tau_v{};  // lane sums over the whole row, added up once at the end
   T tau = 0;
-  for (int64_t i = 0; i + 1 < c; ++i) {
-    const V a_i = V{} + a[i];
-    const V b_i = V{} + b[i];
-    V tau_v{}, gs_i{}, gt_i{};
-    const int64_t j_end = c;
-    for (int64_t j = i + 1; j < j_end; j += W) {
+  for (int64_t i = 0; i + 1 < c; i += 2) {
+    const int64_t i1 = i + 1;
+    const PairTerms<T> own = ratio_pair<T, kHard>(a[i], b[i], a[i1], b[i1]);
+    tau += own.tau;
+    const V a_i = V{} + a[i], b_i = V{} + b[i];
+    const V a_i1 = V{} + a[i1], b_i1 = V{} + b[i1];
+    V gs_i{}, gt_i{}, gs_i1{}, gt_i1{};
+    for (int64_t j = i + 2; j < c; j += W) {
       const V a_j = load<V>(a + j);
       const V b_j = load<V>(b + j);
-      const TanhPair<V> s = tanh_from_ratio(a_i, a_j);
-      PairTerms<V> p = kHard ? hard_teacher_pair(s, Arith<V>::sign(b_i - b_j))
-                             : soft_teacher_pair(s, tanh_from_ratio(b_i, b_j));
-      if (j + W > j_end) {  // the last, partial vector: lanes past C contribute nothing
+      PairTerms<V> p = ratio_pair<V, kHard>(a_i, b_i, a_j, b_j);
+      PairTerms<V> p1 = ratio_pair<V, kHard>(a_i1, b_i1, a_j, b_j);
+      if (j + W > c) {  // the last, partial vector: lanes past C contribute nothing
         V mask{};
-        for (int64_t l = 0; l < j_end - j; ++l) mask[l] = T(1);
-        p.tau *= mask;
-        p.grad_s *= mask;
-        p.grad_t *= mask;
+        for (int64_t l = 0; l < c - j; ++l) mask[l] = T(1);
+        for (PairTerms<V>* q : {&p, &p1}) {
+          q->tau *= mask;
+          q->grad_s *= mask;
+          q->grad_t *= mask;
+        }
       }
-      tau_v += p.tau;
+      tau_v += p.tau + p1.tau;
       gs_i += p.grad_s;
-      store(gs + j, load<V>(gs + j) - p.grad_s);
+      gs_i1 += p1.grad_s;
+      store(gs + j, load<V>(gs + j) - (p.grad_s + p1.grad_s));
       if (!kHard) {
         gt_i += p.grad_t;
-        store(gt + j, load<V>(gt + j) - p.grad_t);
+        gt_i1 += p1.grad_t;
+        store(gt + j, load<V>(gt + j) - (p.grad_t + p1.grad_t));
       }
     }
-    tau += horizontal_sum(tau_v);
-    gs[i] += horizontal_sum(gs_i);
-    if (!kHard) gt[i] += horizontal_sum(gt_i);
+    gs[i] += horizontal_sum(gs_i) + own.grad_s;
+    gs[i1] += horizontal_sum(gs_i1) - own.grad_s;
+    if (!kHard) {
+      gt[i] += horizontal_sum(gt_i) + own.grad_t;
+      gt[i1] += horizontal_sum(gt_i1) - own.grad_t;
+    }
   }
-  return tau;
+  return horizontal_sum(tau_v) + tau;
 }
 
 // The guarded path for rows whose spread overflows the ratio form: tanh of each pair, in double.
