@@ -113,7 +113,7 @@ inline PairTerms<V> ratio_pair(V a_i, V b_i, V a_j, V b_j) {
 // teacher (for a hard teacher, `b` holds the teacher logits themselves), padded with ones.
 // Two rows i, i + 1 share each pass over j > i + 1: the loads of a_j, b_j and the read-modify-write
 // of the j-side sums are paid once for two pairs.
-template <typename T, bool kHard>
+template <typename T, bool kHard, bool kGradT>
 T ratio_row(const T* a, const T* b, int64_t c, T* gs, T* gt) {
   using V = typename VecOf<T>::type;
   constexpr int64_t W = sizeof(V) / sizeof(T);
@@ -144,7 +144,7 @@ T ratio_row(const T* a, const T* b, int64_t c, T* gs, T* gt) {
       gs_i += p.grad_s;
       gs_i1 += p1.grad_s;
       store(gs + j, load<V>(gs + j) - (p.grad_s + p1.grad_s));
-      if (!kHard) {
+      if (kGradT) {
         gt_i += p.grad_t;
         gt_i1 += p1.grad_t;
         store(gt + j, load<V>(gt + j) - (p.grad_t + p1.grad_t));
@@ -152,7 +152,7 @@ T ratio_row(const T* a, const T* b, int64_t c, T* gs, T* gt) {
     }
     gs[i] += horizontal_sum(gs_i) + own.grad_s;
     gs[i1] += horizontal_sum(gs_i1) - own.grad_s;
-    if (!kHard) {
+    if (kGradT) {
       gt[i] += horizontal_sum(gt_i) + own.grad_t;
       gt[i1] += horizontal_sum(gt_i1) - own.grad_t;
     }
@@ -216,10 +216,15 @@ void ratio_path(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool 
   std::fill(buf.teacher.begin() + c, buf.teacher.end(), T(1));
   std::fill(buf.grad_s.begin(), buf.grad_s.begin() + padded, T(0));
   std::fill(buf.grad_t.begin(), buf.grad_t.begin() + padded, T(0));
-  const T tau = hard ? ratio_row<T, true>(buf.student.data(), buf.teacher.data(), c,
-                                          buf.grad_s.data(), buf.grad_t.data())
-                     : ratio_row<T, false>(buf.student.data(), buf.teacher.data(), c,
-                                           buf.grad_s.data(), buf.grad_t.data());
+  // The teacher's sums only when asked for (a distillation teacher is usually detached) and not
+  // identically zero: without them the compiler drops their multiplies, loads and stores.
+  const T* a = buf.student.data();
+  const T* b = buf.teacher.data();
+  T* gs = buf.grad_s.data();
+  T* gt = buf.grad_t.data();
+  const T tau = hard      ? ratio_row<T, true, false>(a, b, c, gs, gt)
+                : grad_t ? ratio_row<T, false, true>(a, b, c, gs, gt)
+                         : ratio_row<T, false, false>(a, b, c, gs, gt);
   const RowScale<double> scale(c, k);
   *loss = acc_t(scale.loss(double(tau)));
   if (grad_s)
