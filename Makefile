@@ -10,7 +10,7 @@ BUILT := build/.stamp-extensions
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: demo test build venv bench clean
+.PHONY: demo test build venv bench gpu-check clean
 
 venv: $(INSTALLED)
 
@@ -35,6 +35,10 @@ demo: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) -m benchmarks.bench_kendall
+
+# On a machine with a CUDA GPU: build, the whole suite on CUDA tensors, the GPU benchmark (~10 min).
+gpu-check: $(INSTALLED)
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh benchmarks/results/gpu_check
 
 clean:
 	rm -rf build rkkd_kernels/*.so

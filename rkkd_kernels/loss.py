@@ -63,6 +63,17 @@ def _check_tensors(student, teacher, top_k) -> None:
         raise ValueError(f"top_k must lie in [2, C={student.shape[-1]}], got {top_k}")
 
 
+def _nan_where_non_finite(x: torch.Tensor) -> torch.Tensor:
+    """Per row (keepdim): 0 when all its values are finite, NaN when one is infinite or NaN.
+
+    A row holds an infinite or NaN value exactly when its minimum or maximum is one (torch's min
+    and max propagate NaN), and 0 * x is NaN for those and 0 for the rest: one pass over the
+    input and no rows x C temporary.
+    """
+    low, high = torch.aminmax(x.detach(), dim=-1, keepdim=True)
+    return low * 0 + high * 0
+
+
 def _teacher_top_k(student: torch.Tensor, teacher: torch.Tensor, top_k: int):
     """Keep, per row, the ``top_k`` channels with the largest teacher logits (torch.topk's ties).
 
@@ -71,8 +82,7 @@ def _teacher_top_k(student: torch.Tensor, teacher: torch.Tensor, top_k: int):
     with a detached NaN before the op; no host-device synchronisation is involved.
     """
     index = teacher.detach().topk(top_k, dim=-1).indices
-    # 0 * x is 0 for a finite x and NaN for an infinite or NaN one: one NaN-or-zero per row.
-    poison = (student.detach() * 0).sum(-1, keepdim=True) + (teacher.detach() * 0).sum(-1, keepdim=True)
+    poison = _nan_where_non_finite(student) + _nan_where_non_finite(teacher)
     return student.gather(-1, index) + poison, teacher.gather(-1, index) + poison
 
 
