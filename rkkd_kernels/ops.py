@@ -24,7 +24,7 @@ kernel registers its own op (``rkkd::kendall_triton``) with the same signature a
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -113,7 +113,3 @@ def call_fused(
     )
     return loss
 
-
-def kendall_op(name: str) -> Optional[object]:
-    """``torch.ops.rkkd.<name>`` if it is registered, else None."""
-    return getattr(torch.ops.rkkd, name, None) if hasattr(torch.ops, "rkkd") else None
