@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from . import backends
-from .reference import accumulation_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -133,10 +132,9 @@ def kendall_loss(
     if top_k is not None and top_k < c:
         student, teacher = _teacher_top_k(student, teacher, top_k)
 
+    # Per-row losses come in the accumulation dtype (float32 for half types), so the reduction
+    # below sums in it; only the result is rounded to the input dtype.
     loss_rows = backends.DISPATCH[chosen](student, teacher, k, bool(hard_teacher))
-
-    acc = accumulation_dtype(dtype)
-    loss_rows = loss_rows.to(acc)
     if reduction == "mean":
         out = loss_rows.mean()
     elif reduction == "sum":
