@@ -422,6 +422,35 @@ _kendall_pairs_kernel_tuned = triton.autotune(
 )(_kendall_pairs_kernel)
 
 
+def parse_config(text: str) -> triton.Config:
+    """'BLOCK:WARPS' (e.g. '64:8') as a configuration of the pair kernel; one of GPU_CONFIGS."""
+    try:
+        block, warps = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ValueError(f"RKKD_TRITON_CONFIG must read BLOCK:WARPS (e.g. 64:8), got {text!r}") from None
+    for config in GPU_CONFIGS:
+        if config.kwargs["BLOCK"] == block and config.num_warps == warps:
+            return config
+    known = ", ".join(f"{c.kwargs['BLOCK']}:{c.num_warps}" for c in GPU_CONFIGS)
+    raise ValueError(f"RKKD_TRITON_CONFIG={text!r} is not one of the kernel's configurations ({known})")
+
+
+# RKKD_TRITON_CONFIG=BLOCK:WARPS pins one configuration instead of autotuning: no timing runs (the
+# test suite on a GPU compiles one kernel per specialization instead of four, and times none), and
+# the same order of summation, so the same bits, on every machine. Tests may set it directly.
+pinned_config = parse_config(os.environ["RKKD_TRITON_CONFIG"]) if os.environ.get("RKKD_TRITON_CONFIG") else None
+
+_PINNED_KERNELS: Dict[Tuple[int, int], object] = {}
+
+
+def _pinned_kernel(config: triton.Config):
+    """The pair kernel under a one-configuration autotuner (Triton times nothing for one config)."""
+    key = (config.kwargs["BLOCK"], config.num_warps)
+    if key not in _PINNED_KERNELS:
+        _PINNED_KERNELS[key] = triton.autotune(configs=[config], key=[])(_kendall_pairs_kernel)
+    return _PINNED_KERNELS[key]
+
+
 @triton.jit
 def _kendall_finalize_kernel(
     loss_ptr, gs_ptr, gt_ptr, gs_scratch_ptr, gt_scratch_ptr, tau_scratch_ptr,
@@ -574,13 +603,13 @@ def _kendall_triton(
     )
     flags = dict(HARD=bool(hard_teacher), NEED_GS=need_gs, NEED_GT=need_gt, FUSED_FINALIZE=fused)
     if INTERPRETING:
+        block = pinned_config.kwargs["BLOCK"] if pinned_config is not None else interpreter_block(c)
         _launcher(_kendall_pairs_kernel)[(rows, splits)](
-            *pair_args, **flags, FAST_RCP=False, BLOCK=interpreter_block(c), num_warps=1
+            *pair_args, **flags, FAST_RCP=False, BLOCK=block, num_warps=1
         )
     else:
-        _launcher(_kendall_pairs_kernel_tuned)[(rows, splits)](
-            *pair_args, **flags, FAST_RCP=acc == torch.float32
-        )
+        kernel = _kendall_pairs_kernel_tuned if pinned_config is None else _pinned_kernel(pinned_config)
+        _launcher(kernel)[(rows, splits)](*pair_args, **flags, FAST_RCP=acc == torch.float32)
     if not fused:
         _launcher(_kendall_finalize_kernel)[(rows, triton.cdiv(c, FINALIZE_BLOCK))](
             loss, grad_s, grad_t, gs_scratch, gt_scratch, tau_scratch,

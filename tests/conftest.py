@@ -1,7 +1,8 @@
 """Shared fixtures: every fast backend joins the same parametrized tests.
 
 Without a GPU, the Triton kernel runs under its interpreter on CPU tensors; TRITON_INTERPRET must be
-set before rkkd_kernels (and so the @triton.jit kernels) is imported.
+set before rkkd_kernels (and so the @triton.jit kernels) is imported. With one, the suite pins one
+Triton configuration (RKKD_TRITON_CONFIG, read at import too).
 """
 
 import os
@@ -11,6 +12,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # One Triton configuration for the suite: autotuning would compile and time all four for each
+    # new C and flag set, minutes in all. test_triton.py checks each configuration and the tuner.
+    os.environ.setdefault("RKKD_TRITON_CONFIG", "64:8")
 
 import rkkd_kernels  # noqa: E402
 from rkkd_kernels import backends  # noqa: E402

@@ -204,6 +204,46 @@ def test_rows_zero():
 
 
 # ---------------------------------------------------------------------------------------------
+# Configurations: each of the autotuner's candidates, the autotuner itself, the pin
+
+
+def _config_id(config):
+    return f"block{config.kwargs['BLOCK']}-warps{config.num_warps}"
+
+
+@pytest.mark.parametrize("config", tk.GPU_CONFIGS if _WHY_NOT is None else [], ids=_config_id)
+@pytest.mark.parametrize("n_splits", [1, 3])
+def test_every_config_matches_reference(monkeypatch, splits, config, n_splits):
+    """Each candidate the autotuner may pick gives the right answer (on a GPU the suite runs with
+    one pinned configuration; under the interpreter only the tile width matters)."""
+    monkeypatch.setattr(tk, "pinned_config", config)
+    splits(n_splits)
+    for c in (33, 100, 200):
+        s = logits((2, c), torch.float32, seed=c + 30)
+        t = logits((2, c), torch.float32, seed=c + 31)
+        assert_close_to_reference(run_op(s, t, 0.9), s, t, 0.9)
+
+
+def test_autotuned_kernel_matches_reference(monkeypatch):
+    if interpreted("triton", DEVICE):
+        pytest.skip("the interpreter never autotunes (it runs one tile width per C)")
+    monkeypatch.setattr(tk, "pinned_config", None)
+    s = logits((4, 300), torch.float32, seed=40)
+    t = logits((4, 300), torch.float32, seed=41)
+    assert_close_to_reference(run_op(s, t, 1.1), s, t, 1.1)
+    assert len(tk._kendall_pairs_kernel_tuned.cache) > 0  # the autotuner ran and chose
+
+
+def test_parse_config():
+    config = tk.parse_config("32:4")
+    assert config.kwargs["BLOCK"] == 32 and config.num_warps == 4 and config in tk.GPU_CONFIGS
+    with pytest.raises(ValueError, match="BLOCK:WARPS"):
+        tk.parse_config("64")
+    with pytest.raises(ValueError, match="not one of the kernel's configurations"):
+        tk.parse_config("128:8")
+
+
+# ---------------------------------------------------------------------------------------------
 # Numerics
 
 
@@ -324,6 +364,6 @@ def test_gradcheck_through_the_backend(splits, shape, k, hard, n_splits):
 def test_interpreter_runs_the_small_tiles():
     """Guards the premise of the tile-edge tests under the interpreter: small C spans many tiles."""
     if not interpreted("triton", DEVICE):
-        pytest.skip("GPU: tile widths come from the autotuner")
+        pytest.skip("GPU: tile widths come from the autotuner or the pinned configuration")
     assert tk.interpreter_block(33) == 16 and tk.interpreter_block(161) == 64
     assert tk.interpreter_block(513) == 128

@@ -1,0 +1,210 @@
+"""Compile the Triton kernels for real GPUs without one: compile errors, registers, spills.
+
+    python -m benchmarks.triton_aot                 # every variant x configuration, sm_80 and sm_90
+    python -m benchmarks.triton_aot --quick         # one configuration per variant, sm_90 (the test)
+
+The interpreter that runs the Triton backend in CI executes the kernels' Python with numpy; it never
+runs Triton's compiler. A kernel it runs may still fail to compile for a GPU (types, layouts, the
+inline PTX) or compile into code that spills registers to local memory. This compiles every variant
+the op can launch (input dtype x hard teacher x gradients asked for x one or several programs per
+row) with Triton's own compiler, ptxas included, for the given targets, and reads each kernel's
+resources with the cuobjdump that Triton ships. Writes aot.csv (one row per compiled kernel) into
+--out (default benchmarks/results/) and prints a summary; exits 1 if any variant fails to compile.
+
+Needs Triton's ahead-of-time API (triton.compile of an ASTSource with a GPUTarget, Triton >= 3.3)
+and must run without TRITON_INTERPRET (the interpreter replaces the kernels' compiled form).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("benchmarks.triton_aot compiles for GPUs: run it without TRITON_INTERPRET=1")
+
+import triton  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from rkkd_kernels import triton_kernel as tk  # noqa: E402
+
+from .worker import REPO_ROOT  # noqa: E402
+
+DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "results")
+
+# Triton's type names for the tensors the op passes (inputs in any float dtype; outputs, scratch and
+# the loss in the accumulation dtype: float64 for float64 input, else float32).
+INPUT_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
+INT_ARGS = {"s_stride_row", "t_stride_row", "rows", "C", "n_splits"}
+FLOAT_ARGS = {"k_hi", "k_lo", "exp2_scale_hi", "exp2_scale_lo", "ratio_limit"}
+INPUT_POINTERS = {"s_ptr", "t_ptr"}
+
+
+@dataclass
+class Variant:
+    """One kernel the op can launch: the pair kernel or the finalize kernel, and its constants."""
+
+    kernel: str
+    dtype: str
+    hard: bool
+    need_gs: bool
+    need_gt: bool
+    fused: bool
+    block: int
+    num_warps: int
+
+
+@dataclass
+class Row(Variant):
+    target: str = ""
+    status: str = ""
+    regs: Optional[int] = None
+    local_bytes: Optional[int] = None  # spilled registers (local memory per thread)
+    stack_bytes: Optional[int] = None
+    shared_bytes: Optional[int] = None
+    compile_s: float = 0.0
+    error: str = ""
+
+
+def flag_sets():
+    """(hard, need_gs, need_gt) as the op passes them: a hard teacher never computes its gradient."""
+    for hard, need_gs, need_gt in itertools.product((False, True), repeat=3):
+        if not (hard and need_gt):
+            yield hard, need_gs, need_gt
+
+
+def variants(quick: bool) -> List[Variant]:
+    """Every pair-kernel variant (quick: at one configuration) and the finalize kernel's."""
+    configs = tk.GPU_CONFIGS
+    main = next(c for c in configs if c.kwargs["BLOCK"] == 64 and c.num_warps == 8)
+    # quick: the half types differ from float32 only in their loads; they get the usual call alone.
+    dtypes = ["float32", "float64"] if quick else list(INPUT_TYPES)
+    out = []
+    for dtype, (hard, need_gs, need_gt), fused in itertools.product(dtypes, flag_sets(), (True, False)):
+        for config in [main] if quick else configs:
+            out.append(Variant("pairs", dtype, hard, need_gs, need_gt, fused,
+                               config.kwargs["BLOCK"], config.num_warps))
+    if quick:  # the usual call (soft teacher, student gradient, fused) in the half types, and at
+        # the other configurations in float32
+        for dtype in ("float16", "bfloat16"):
+            out.append(Variant("pairs", dtype, False, True, False, True, 64, main.num_warps))
+        for config in configs:
+            if config is not main:
+                out.append(Variant("pairs", "float32", False, True, False, True,
+                                   config.kwargs["BLOCK"], config.num_warps))
+    for acc, (need_gs, need_gt) in itertools.product(("float32", "float64"), ((True, True), (True, False), (False, True))):
+        out.append(Variant("finalize", acc, False, need_gs, need_gt, False, tk.FINALIZE_BLOCK, 4))
+    return out
+
+
+def _source(variant: Variant):
+    from triton.compiler import ASTSource
+
+    acc = "fp64" if variant.dtype == "float64" else "fp32"
+    if variant.kernel == "pairs":
+        fn = tk._kendall_pairs_kernel
+        constants = dict(HARD=variant.hard, NEED_GS=variant.need_gs, NEED_GT=variant.need_gt,
+                         FUSED_FINALIZE=variant.fused, FAST_RCP=acc == "fp32", BLOCK=variant.block)
+    else:
+        fn = tk._kendall_finalize_kernel
+        constants = dict(NEED_GS=variant.need_gs, NEED_GT=variant.need_gt, SPLITS_POW2=4,
+                         BLOCK=variant.block)
+    signature: Dict[str, str] = {}
+    for name in fn.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in INPUT_POINTERS:
+            signature[name] = "*" + INPUT_TYPES[variant.dtype]
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + acc
+        elif name in INT_ARGS:
+            signature[name] = "i32"
+        elif name in FLOAT_ARGS:
+            signature[name] = "fp32"
+        else:
+            raise KeyError(f"benchmarks.triton_aot does not know argument {name!r} of {fn.__name__}")
+    constexprs = {(fn.arg_names.index(name),): value for name, value in constants.items()}
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+
+
+def _cuobjdump() -> Optional[str]:
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+
+
+RESOURCE_LINE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def compile_variant(variant: Variant, arch: int, cuobjdump: Optional[str]) -> Row:
+    """Compile one variant for sm_<arch>; the row says how it went and what it uses."""
+    from triton.backends.compiler import GPUTarget
+
+    row = Row(**asdict(variant), target=f"sm_{arch}")
+    start = time.perf_counter()
+    try:
+        compiled = triton.compile(_source(variant), target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": variant.num_warps, "num_stages": 1})
+    except Exception as err:  # the compiler raises many types; each is a failed variant
+        row.status = "compile_error"
+        row.error = " ".join(str(err).split())[:300]
+        return row
+    finally:
+        row.compile_s = round(time.perf_counter() - start, 2)
+    row.status = "ok"
+    if cuobjdump:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name],
+                                   capture_output=True, text=True).stdout
+        match = RESOURCE_LINE.search(usage)
+        if match:
+            row.regs, row.stack_bytes, row.shared_bytes, row.local_bytes = map(int, match.groups())
+    return row
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one configuration per variant, sm_90")
+    parser.add_argument("--arch", type=int, nargs="+", help="compute capabilities (default 80 90; quick: 90)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for aot.csv")
+    args = parser.parse_args(argv)
+    archs = args.arch or ([90] if args.quick else [80, 90])
+    cuobjdump = _cuobjdump()
+    jobs = [(v, arch) for arch in archs for v in variants(args.quick)]
+    rows = [compile_variant(v, arch, cuobjdump)
+            for v, arch in tqdm(jobs, desc=f"compiling for {archs}", unit="kernel")]
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "aot.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+
+    failed = [r for r in rows if r.status != "ok"]
+    spilled = [r for r in rows if r.local_bytes]
+    print(f"triton {triton.__version__}: {len(rows) - len(failed)} of {len(rows)} kernels compiled "
+          f"for {', '.join(f'sm_{a}' for a in archs)}; {len(spilled)} spill registers; "
+          f"{'no cuobjdump: resources unread; ' if not cuobjdump else ''}table in {path}")
+    for r in failed:
+        print(f"  FAILED {r.kernel} {r.dtype} hard={r.hard} gs={r.need_gs} gt={r.need_gt} "
+              f"fused={r.fused} {r.block}:{r.num_warps} {r.target}: {r.error}")
+    for r in spilled:
+        print(f"  spills {r.local_bytes} B/thread: {r.kernel} {r.dtype} hard={r.hard} gs={r.need_gs} "
+              f"gt={r.need_gt} fused={r.fused} {r.block}:{r.num_warps} {r.target} ({r.regs} registers)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
