@@ -106,7 +106,7 @@ for rows, cols in shapes:
     sync()
     print(f"rows={rows} C={cols} splits={tk.num_splits(rows, cols, s.device)}")
 if not tk.INTERPRETING:
-    for key, config in tk._kendall_pairs_kernel_tuned.cache.items():
+    for key, config in tk.tuned_kernel().cache.items():
         print("autotuned", key, "->", config)
 PYEOF
 

@@ -29,6 +29,9 @@ try:
 except ImportError as err:  # Triton is optional: the CUDA extension serves GPUs without it
     triton_kernel = None
     _TRITON_MISSING = f"triton does not import ({err}); `pip install triton` to use it"
+except Exception as err:  # a Triton that imports but fails to set up must not break the package
+    triton_kernel = None
+    _TRITON_MISSING = f"the Triton backend failed to load ({type(err).__name__}: {err})"
 
 
 def _interpreting_triton() -> bool:

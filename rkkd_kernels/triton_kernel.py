@@ -58,7 +58,7 @@ import inspect
 import math
 import os
 import struct
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -413,15 +413,6 @@ def _autotune_options() -> Dict[str, bool]:
     return {"cache_results": True} if "cache_results" in params else {}
 
 
-# Autotuned by timing on the GPU. Without prune_configs_by, which torch.compile of user kernels does
-# not support on every torch >= 2.6.
-_kendall_pairs_kernel_tuned = triton.autotune(
-    configs=GPU_CONFIGS,
-    key=["C", "HARD", "NEED_GS", "NEED_GT", "FUSED_FINALIZE", "FAST_RCP"],
-    **_autotune_options(),
-)(_kendall_pairs_kernel)
-
-
 def parse_config(text: str) -> triton.Config:
     """'BLOCK:WARPS' (e.g. '64:8') as a configuration of the pair kernel; one of GPU_CONFIGS."""
     try:
@@ -438,17 +429,31 @@ def parse_config(text: str) -> triton.Config:
 # RKKD_TRITON_CONFIG=BLOCK:WARPS pins one configuration instead of autotuning: no timing runs (the
 # test suite on a GPU compiles one kernel per specialization instead of four, and times none), and
 # the same order of summation, so the same bits, on every machine. Tests may set it directly.
-pinned_config = parse_config(os.environ["RKKD_TRITON_CONFIG"]) if os.environ.get("RKKD_TRITON_CONFIG") else None
+pinned_config = parse_config(os.environ["RKKD_TRITON_CONFIG"]) if os.environ.get("RKKD_TRITON_CONFIG") \
+    else None
 
-_PINNED_KERNELS: Dict[Tuple[int, int], object] = {}
+# The autotuned kernels, made at first use: Triton < 3.3 asks for an active GPU driver when an
+# Autotuner is built, which would make importing this module fail on a machine without a GPU.
+_TUNED_KERNELS: Dict[Tuple[int, int], object] = {}
 
 
-def _pinned_kernel(config: triton.Config):
-    """The pair kernel under a one-configuration autotuner (Triton times nothing for one config)."""
-    key = (config.kwargs["BLOCK"], config.num_warps)
-    if key not in _PINNED_KERNELS:
-        _PINNED_KERNELS[key] = triton.autotune(configs=[config], key=[])(_kendall_pairs_kernel)
-    return _PINNED_KERNELS[key]
+def tuned_kernel(config: Optional[triton.Config] = None):
+    """The pair kernel under the autotuner (config None: every GPU_CONFIGS entry, timed on the GPU,
+    keyed on C and the flags; a config: that one alone, which Triton launches without timing)."""
+    key = (0, 0) if config is None else (config.kwargs["BLOCK"], config.num_warps)
+    if key not in _TUNED_KERNELS:
+        if config is None:
+            # Without prune_configs_by, which torch.compile of user kernels does not support on
+            # every torch >= 2.6.
+            tuner = triton.autotune(
+                configs=GPU_CONFIGS,
+                key=["C", "HARD", "NEED_GS", "NEED_GT", "FUSED_FINALIZE", "FAST_RCP"],
+                **_autotune_options(),
+            )
+        else:
+            tuner = triton.autotune(configs=[config], key=[])
+        _TUNED_KERNELS[key] = tuner(_kendall_pairs_kernel)
+    return _TUNED_KERNELS[key]
 
 
 @triton.jit
@@ -608,8 +613,9 @@ def _kendall_triton(
             *pair_args, **flags, FAST_RCP=False, BLOCK=block, num_warps=1
         )
     else:
-        kernel = _kendall_pairs_kernel_tuned if pinned_config is None else _pinned_kernel(pinned_config)
-        _launcher(kernel)[(rows, splits)](*pair_args, **flags, FAST_RCP=acc == torch.float32)
+        _launcher(tuned_kernel(pinned_config))[(rows, splits)](
+            *pair_args, **flags, FAST_RCP=acc == torch.float32
+        )
     if not fused:
         _launcher(_kendall_finalize_kernel)[(rows, triton.cdiv(c, FINALIZE_BLOCK))](
             loss, grad_s, grad_t, gs_scratch, gt_scratch, tau_scratch,

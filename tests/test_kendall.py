@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import backend_params, interpreted
-from rkkd_kernels import KendallLoss, kendall_loss
+from rkkd_kernels import KendallLoss, backends, kendall_loss
 
 LOSS_ATOL = {torch.float32: 2e-6, torch.float64: 1e-12}
 GRAD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -340,6 +340,16 @@ def test_devices_differ_and_unavailable_backends():
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(RuntimeError, match="triton"):
             kendall_loss(s, s, backend="triton")
+
+
+def test_triton_backend_loads_wherever_triton_imports():
+    """The import of the Triton backend turns any failure into "unavailable" (so that a broken
+    Triton cannot break the package); this keeps a bug of our own from hiding behind that."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton is not installed")
+    assert backends._TRITON_MISSING is None, backends._TRITON_MISSING
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
