@@ -33,6 +33,8 @@ from typing import Dict, List, Optional
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("benchmarks.triton_aot compiles for GPUs: run it without TRITON_INTERPRET=1")
 
+import inspect  # noqa: E402
+
 import triton  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -107,6 +109,18 @@ def variants(quick: bool) -> List[Variant]:
     return out
 
 
+def aot_api_missing() -> Optional[str]:
+    """None when this Triton compiles ahead of time the way this tool asks (Triton >= 3.3)."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource
+    except ImportError as err:
+        return f"triton {triton.__version__} has no ahead-of-time compiler API ({err})"
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        return f"triton {triton.__version__} has an older ahead-of-time API; this tool needs Triton >= 3.3"
+    return None
+
+
 def _source(variant: Variant):
     from triton.compiler import ASTSource
 
@@ -179,6 +193,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", help="compute capabilities (default 80 90; quick: 90)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for aot.csv")
     args = parser.parse_args(argv)
+    missing = aot_api_missing()
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     archs = args.arch or ([90] if args.quick else [80, 90])
     cuobjdump = _cuobjdump()
     jobs = [(v, arch) for arch in archs for v in variants(args.quick)]

@@ -561,7 +561,7 @@ def _kendall_triton(
     hard_teacher: bool,
     need_grad_student: bool,
     need_grad_teacher: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # builtin tuple: see the schema note below
     """The op contract of ``ops.py`` on CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
 
     Returns ``(loss_rows, grad_student, grad_teacher)`` in the accumulation dtype; a gradient not
@@ -626,14 +626,16 @@ def _kendall_triton(
     return loss, grad_s, grad_t
 
 
+# The schema is the shared one, given rather than inferred. torch 2.6's triton_op still evaluates the
+# (postponed, string) annotations, where typing.Tuple is unknown: the return reads tuple[...].
 if INTERPRETING:
     # An opaque custom op: fake tensors cannot run interpreted kernels, so torch.compile must not
     # trace into the body; the shared fake implementation gives it the output shapes instead.
-    kendall_triton = torch.library.custom_op(OP_NAME, mutates_args=())(_kendall_triton)
+    kendall_triton = torch.library.custom_op(OP_NAME, mutates_args=(), schema=ops.SCHEMA)(_kendall_triton)
     kendall_triton.register_fake(ops.kendall_fake)
 else:
     # triton_op: torch.compile (Inductor) sees and schedules the kernels; the body, run on fake
     # tensors, is the fake implementation.
-    kendall_triton = torch.library.triton_op(OP_NAME, mutates_args=())(_kendall_triton)
+    kendall_triton = torch.library.triton_op(OP_NAME, mutates_args=(), schema=ops.SCHEMA)(_kendall_triton)
 
 ops.register_autograd(OP_NAME)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -33,8 +35,13 @@ def why_cuda_build_not_expected():
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
     homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]  # where setup.py also looks
-    if shutil.which("nvcc") is None and not any(h and os.path.exists(os.path.join(h, "bin", "nvcc")) for h in homes):
+    candidates = [shutil.which("nvcc")] + [h and os.path.join(h, "bin", "nvcc") for h in homes]
+    nvcc = next((c for c in candidates if c and os.path.exists(c)), None)
+    if nvcc is None:
         return "no nvcc on PATH, in CUDA_HOME or in /usr/local/cuda"
+    release = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
+    if release and int(release.group(1)) != int(torch.version.cuda.split(".")[0]):
+        return f"nvcc's CUDA {release.group(1)} cannot build for torch's CUDA {torch.version.cuda}"
     return None
 
 
