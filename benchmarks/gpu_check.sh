@@ -4,7 +4,8 @@
 #   2. run the whole test suite on CUDA tensors (conftest picks CUDA when a GPU is present),
 #   3. report the Triton autotuner's choices,
 #   4. run the GPU benchmark: the headline cell (B=256, C=1000) first, with the verdict on the CUDA
-#      extension's time against Triton's (issue 4), then the GPU grid,
+#      extension's time against Triton's (issue 4),
+#   5. run both GPU backends under compute-sanitizer (memcheck, racecheck), then the GPU grid,
 # writing logs, CSV and summary.txt into the folder given as the first argument, in about 10 min.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
@@ -127,6 +128,28 @@ ratio = ms["cuda"] / ms["triton"]
 print(f"cuda {ms['cuda']:.3f} ms, triton {ms['triton']:.3f} ms: cuda/triton {ratio:.2f} (target <= 1.5)")
 sys.exit(0 if ratio <= 1.5 else 1)
 PYEOF
+
+# Out-of-bounds accesses and shared-memory races in both GPU backends, which the tests' results
+# alone could miss: compute-sanitizer (memcheck, then racecheck) on a few shapes that take every
+# path (one and several blocks or programs per row, partial tiles, hard teacher). One pinned Triton
+# configuration: the autotuner's timing runs would be slow under the sanitizer.
+cat >"$OUT_DIR/sanitized_calls.py" <<'PYEOF'
+import torch
+from rkkd_kernels import kendall_loss
+
+for backend in ("cuda", "triton"):
+    for rows, c in [(3, 33), (1, 1000), (300, 100), (5, 4099)]:
+        for hard in (False, True):
+            s = torch.randn(rows, c, device="cuda", requires_grad=True)
+            t = torch.randn(rows, c, device="cuda", requires_grad=not hard)
+            kendall_loss(s, t, 1.0, hard_teacher=hard, backend=backend).backward()
+torch.cuda.synchronize()
+print("all calls ran")
+PYEOF
+for tool in memcheck racecheck; do
+    step "sanitizer_$tool" 60 env RKKD_TRITON_CONFIG=64:8 \
+        compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" "$OUT_DIR/sanitized_calls.py"
+done
 
 step bench_gpu 600 "$PY" -m benchmarks.bench_kendall --device cuda --out "$OUT_DIR/bench"
 

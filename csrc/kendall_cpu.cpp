@@ -113,7 +113,7 @@ inline PairTerms<V> ratio_pair(V a_i, V b_i, V a_j, V b_j) {
 // teacher (for a hard teacher, `b` holds the teacher logits themselves), padded with ones.
 // Two rows i, i + 1 share each pass over j > i + 1: the loads of a_j, b_j and the read-modify-write
 // of the j-side sums are paid once for two pairs.
-template <typename T, bool kHard, bool kGradT>
+template <typename T, bool kHard, bool kGradS, bool kGradT>
 T ratio_row(const T* a, const T* b, int64_t c, T* gs, T* gt) {
   using V = typename VecOf<T>::type;
   constexpr int64_t W = sizeof(V) / sizeof(T);
@@ -141,17 +141,21 @@ T ratio_row(const T* a, const T* b, int64_t c, T* gs, T* gt) {
         }
       }
       tau_v += p.tau + p1.tau;
-      gs_i += p.grad_s;
-      gs_i1 += p1.grad_s;
-      store(gs + j, load<V>(gs + j) - (p.grad_s + p1.grad_s));
+      if (kGradS) {
+        gs_i += p.grad_s;
+        gs_i1 += p1.grad_s;
+        store(gs + j, load<V>(gs + j) - (p.grad_s + p1.grad_s));
+      }
       if (kGradT) {
         gt_i += p.grad_t;
         gt_i1 += p1.grad_t;
         store(gt + j, load<V>(gt + j) - (p.grad_t + p1.grad_t));
       }
     }
-    gs[i] += horizontal_sum(gs_i) + own.grad_s;
-    gs[i1] += horizontal_sum(gs_i1) - own.grad_s;
+    if (kGradS) {
+      gs[i] += horizontal_sum(gs_i) + own.grad_s;
+      gs[i1] += horizontal_sum(gs_i1) - own.grad_s;
+    }
     if (kGradT) {
       gt[i] += horizontal_sum(gt_i) + own.grad_t;
       gt[i1] += horizontal_sum(gt_i1) - own.grad_t;
@@ -216,15 +220,20 @@ void ratio_path(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool 
   std::fill(buf.teacher.begin() + c, buf.teacher.end(), T(1));
   std::fill(buf.grad_s.begin(), buf.grad_s.begin() + padded, T(0));
   std::fill(buf.grad_t.begin(), buf.grad_t.begin() + padded, T(0));
-  // The teacher's sums only when asked for (a distillation teacher is usually detached) and not
-  // identically zero: without them the compiler drops their multiplies, loads and stores.
+  // Each gradient's sums only when asked for (a distillation teacher is usually detached; an
+  // evaluation asks for none) and, for the teacher, not identically zero: without them the
+  // compiler drops their multiplies, loads and stores.
   const T* a = buf.student.data();
   const T* b = buf.teacher.data();
   T* gs = buf.grad_s.data();
   T* gt = buf.grad_t.data();
-  const T tau = hard      ? ratio_row<T, true, false>(a, b, c, gs, gt)
-                : grad_t ? ratio_row<T, false, true>(a, b, c, gs, gt)
-                         : ratio_row<T, false, false>(a, b, c, gs, gt);
+  const bool want_s = grad_s != nullptr, want_t = grad_t != nullptr && !hard;
+  const T tau = hard ? (want_s ? ratio_row<T, true, true, false>(a, b, c, gs, gt)
+                               : ratio_row<T, true, false, false>(a, b, c, gs, gt))
+              : want_t ? (want_s ? ratio_row<T, false, true, true>(a, b, c, gs, gt)
+                                 : ratio_row<T, false, false, true>(a, b, c, gs, gt))
+                       : (want_s ? ratio_row<T, false, true, false>(a, b, c, gs, gt)
+                                 : ratio_row<T, false, false, false>(a, b, c, gs, gt));
   const RowScale<double> scale(c, k);
   *loss = acc_t(scale.loss(double(tau)));
   if (grad_s)
