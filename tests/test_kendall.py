@@ -223,6 +223,28 @@ def test_gradient_only_where_required(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("wanted", ["student", "teacher", "none"])
+def test_each_gradient_alone_matches_reference(backend_device, dtype, hard, wanted):
+    """The kernels skip the sums of a gradient nobody asked for: what is left must not change."""
+    backend, device = backend_device
+    c, k = 100, 1.3
+    s = make_logits((3, c), dtype, seed=30, device=device).requires_grad_(wanted == "student")
+    t = make_logits((3, c), dtype, seed=31, device=device).requires_grad_(wanted == "teacher")
+    loss_t, gs_t, gt_t = truth(s, t, k=k, hard_teacher=hard)
+    with torch.set_grad_enabled(wanted != "none"):
+        loss = kendall_loss(s, t, k, hard_teacher=hard, reduction="none", backend=backend)
+    torch.testing.assert_close(loss.detach().cpu().double(), loss_t, atol=LOSS_ATOL[dtype], rtol=0)
+    if wanted == "none":
+        assert loss.grad_fn is None
+        return
+    leaf, want = (s, gs_t) if wanted == "student" else (t, gt_t)
+    (grad,) = torch.autograd.grad(loss.sum(), (leaf,))
+    torch.testing.assert_close(grad.cpu().double(), want, atol=GRAD_RTOL[dtype] * 2 * k / c, rtol=0)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 def test_mixed_dtypes_promote(backend_device):
     backend, device = backend_device
     s = make_logits((2, 9), torch.float32, seed=18, device=device).requires_grad_(True)
