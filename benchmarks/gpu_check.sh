@@ -11,7 +11,9 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR
 #
 # Environment: PYTHON (default: python3), MAX_JOBS (default: the number of CPUs),
-# GPU_CHECK_BUDGET_S (default 570: the whole run), GPU_CHECK_DRY_RUN=1 (print the steps only).
+# GPU_CHECK_BUDGET_S (default 570: the whole run), GPU_CHECK_DRY_RUN=1 (print the steps only),
+# GPU_CHECK_STEPS="NAME ..." (run only these steps, e.g. a second call on the same, still warm
+# machine: "sanitizer_memcheck sanitizer_racecheck bench_gpu"; the build is kept there).
 # Every step runs under a timeout cut to what is left of the budget, and a failing step does not
 # stop the next ones; summary.txt lists each step's exit status and seconds (124: timed out).
 #
@@ -49,6 +51,9 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 step() {
     local name=$1 cap=$2
     shift 2
+    if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+        return 0  # not selected
+    fi
     local left=$((BUDGET_S - (SECONDS - START_S)))
     local limit=$((cap < left ? cap : left))
     if [ "$limit" -lt 15 ]; then
@@ -84,7 +89,7 @@ step build 240 env MAX_JOBS="${MAX_JOBS:-$(nproc)}" TORCH_CUDA_ARCH_LIST="${TORC
 
 # The CPU-only files stay out of the GPU window: the ahead-of-time compile check (Triton's compiler,
 # no GPU needed) and the CPU benchmark's smoke test run in every CI run.
-step tests 240 "$PY" -m pytest tests -ra -q --junitxml="$OUT_DIR/tests.xml" \
+step tests 200 "$PY" -m pytest tests -ra -q --junitxml="$OUT_DIR/tests.xml" \
     --ignore=tests/test_triton_aot.py --ignore=tests/test_bench.py
 
 # The Triton autotuner's pick (tile, warps) and the number of splits per shape; the timings are
@@ -147,7 +152,7 @@ torch.cuda.synchronize()
 print("all calls ran")
 PYEOF
 for tool in memcheck racecheck; do
-    step "sanitizer_$tool" 60 env RKKD_TRITON_CONFIG=64:8 \
+    step "sanitizer_$tool" 45 env RKKD_TRITON_CONFIG=64:8 \
         compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" "$OUT_DIR/sanitized_calls.py"
 done
 
