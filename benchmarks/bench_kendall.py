@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -144,10 +145,12 @@ def _base_row(provider: str, device: str, dtype: str, shape: Shape, mode: str) -
 
 
 def run_grid(preset: Preset, device: str, dtypes: Sequence[str], providers: Sequence[str],
-             timer: Worker, memory_meter: Worker, mem_cap_gb: float, progress: tqdm) -> List[report.Row]:
+             timer: Worker, memory_meter: Worker, mem_cap_gb: float, progress: tqdm,
+             rows: List[report.Row]) -> None:
+    """Measure the grid, appending each cell's rows to ``rows`` as it finishes (an interrupted run
+    keeps what it has measured)."""
     memory = MemoryModel()
     shapes = sorted(preset.shapes, key=lambda s: cxc_bytes(s.batch, s.classes, s.top_k, "float32"))
-    rows: List[report.Row] = []
     for dtype in dtypes:
         largest = max(cxc_bytes(s.batch, s.classes, s.top_k, dtype) for s in shapes)
         if largest * MATRICES_UPPER_BOUND > mem_cap_gb * 1e9:
@@ -168,8 +171,6 @@ def run_grid(preset: Preset, device: str, dtypes: Sequence[str], providers: Sequ
                 rows += run_cell(preset, device, dtype, shape, provider, timer, memory_meter,
                                  memory, mem_cap_gb)
                 progress.update()
-    report.add_speedups(rows)
-    return rows
 
 
 def run_cell(preset: Preset, device: str, dtype: str, shape: Shape, provider: str, timer: Worker,
@@ -419,18 +420,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     total = (len(preset.shapes) * len(providers) * len(args.dtype) + 2 * len(args.dtype)
              if run_grid_now else 0) + (len(e2e_backends) if run_e2e_now else 0)
     start = time.perf_counter()
+    interrupted = False
     try:
         with tqdm(total=total, unit="cell", dynamic_ncols=True, file=sys.stderr) as progress:
             if run_grid_now:
-                rows = run_grid(preset, args.device, args.dtype, providers, timer, memory_meter,
-                                args.mem_cap_gb, progress)
+                run_grid(preset, args.device, args.dtype, providers, timer, memory_meter,
+                         args.mem_cap_gb, progress, rows)
             if run_e2e_now:
                 e2e_rows = run_e2e(args.device, e2e_backends, timer, memory_meter, progress)
             progress.update(total - progress.n)
+    except KeyboardInterrupt:  # Ctrl-C, or gpu_check.sh's time limit: write what was measured
+        # `timeout` signals the process and then its group, so a second SIGINT follows the first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        interrupted = True
+        print(f"\ninterrupted: writing the {len(rows)} rows measured so far", file=sys.stderr)
     finally:
-        timer.close()
-        memory_meter.close()
+        timer.close(kill=interrupted)
+        memory_meter.close(kill=interrupted)
         shutil.rmtree(cache_dir, ignore_errors=True)
+    report.add_speedups(rows)
+    info["interrupted"] = interrupted
     info["wall_s"] = round(time.perf_counter() - start, 1)
     info["load_average_at_end"] = os.getloadavg()
     info["parallel_probe_at_end"] = parallel_probe()
@@ -442,7 +451,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"tanh {info['parallel_probe_at_start']['parallel_speedup']} at start, "
           f"{info['parallel_probe_at_end']['parallel_speedup']} at end); "
           f"results in {os.path.relpath(args.out)}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

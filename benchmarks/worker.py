@@ -72,13 +72,18 @@ class Worker:
             return {"status": f"error: the worker exited with code {code}{why}; see {self.log_path}"}
         return json.loads(line)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """End the child: let it finish its request and exit, or (kill) stop it at once."""
         if self.process and self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            if kill:
                 self.process.kill()
+                self.process.wait()
+            else:
+                self.process.stdin.close()
+                try:
+                    self.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
         self.process = None
 
 
