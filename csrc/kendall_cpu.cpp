@@ -1,9 +1,12 @@
 // The CPU kernel of rkkd::kendall: loss and both gradients in one pass over each row's pairs.
 //
-// Rows are spread over torch's intra-op threads (OpenMP); each row is computed by one thread in a
-// fixed order, so results are bitwise reproducible whatever the thread count. Per row the thread
-// keeps four length-C buffers (exp weights of student and teacher, two gradient sums): O(C) extra
-// memory per thread, O(rows * C) for the outputs, nothing of size C x C.
+// Rows are spread over torch's intra-op threads (OpenMP). A row of C >= 4096 is cut into up to 8
+// chunks of i, fixed by C alone, whose sums are added in chunk order: with at least as many rows
+// as threads each row runs on one thread, chunk after chunk; with fewer, the chunks of a few rows
+// run in parallel. Either way a row's bits are the same, whatever the batch or the thread count.
+// Per thread: four length-C buffers (exp weights of student and teacher, two gradient sums) and
+// the chunks' partial sums in double; O(threads * C) extra memory, O(rows * C) for the outputs,
+// nothing of size C x C.
 //
 // The inner loop runs over j > i on SIMD vectors (GCC/Clang vector extensions, so the same pair
 // functions of pair_math.h serve scalars and vectors); the last partial vector of each i is masked
@@ -114,12 +117,12 @@ inline PairTerms<V> ratio_pair(V a_i, V b_i, V a_j, V b_j) {
 // Two rows i, i + 1 share each pass over j > i + 1: the loads of a_j, b_j and the read-modify-write
 // of the j-side sums are paid once for two pairs.
 template <typename T, bool kHard, bool kGradS, bool kGradT>
-T ratio_row(const T* a, const T* b, int64_t c, T* gs, T* gt) {
+T ratio_row(const T* a, const T* b, int64_t c, int64_t i_begin, int64_t i_end, T* gs, T* gt) {
   using V = typename VecOf<T>::type;
   constexpr int64_t W = sizeof(V) / sizeof(T);
-  V tau_v{};  // lane sums over the whole row, added up once at the end
+  V tau_v{};  // lane sums over the whole chunk, added up once at the end
   T tau = 0;
-  for (int64_t i = 0; i + 1 < c; i += 2) {
+  for (int64_t i = i_begin; i < i_end && i + 1 < c; i += 2) {
     const int64_t i1 = i + 1;
     const PairTerms<T> own = ratio_pair<T, kHard>(a[i], b[i], a[i1], b[i1]);
     tau += own.tau;
@@ -166,9 +169,10 @@ T ratio_row(const T* a, const T* b, int64_t c, T* gs, T* gt) {
 
 // The guarded path for rows whose spread overflows the ratio form: tanh of each pair, in double.
 template <bool kHard>
-double direct_row(const double* x, const double* y, int64_t c, double k, double* gs, double* gt) {
+double direct_row(const double* x, const double* y, int64_t c, int64_t i_begin, int64_t i_end,
+                  double k, double* gs, double* gt) {
   double tau = 0;
-  for (int64_t i = 0; i + 1 < c; ++i) {
+  for (int64_t i = i_begin; i < i_end && i + 1 < c; ++i) {
     for (int64_t j = i + 1; j < c; ++j) {
       const TanhPair<double> s = tanh_direct(k * (x[i] - x[j]));
       const PairTerms<double> p = kHard
@@ -204,101 +208,218 @@ Range row_range(const scalar_t* x, int64_t c) {
   return r;
 }
 
-// One row: choose the path, run it, write loss and scaled gradients in the output type acc_t.
-template <typename T, typename scalar_t, typename acc_t>
-void ratio_path(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard,
-                const Range& rs, const Range& rt, RowBuffers<T>& buf, acc_t* loss,
-                acc_t* grad_s, acc_t* grad_t) {
+// A row of at least kSplitColumns is cut into chunks of i (each with all its pairs j > i), so that
+// batches of fewer rows than threads still keep every thread busy. The cut depends on C alone and
+// the chunks' sums are added in chunk order, in double: a row's bits depend neither on the batch
+// nor on the thread count. Below kSplitColumns a row is one chunk, as a row always was.
+constexpr int64_t kSplitColumns = 4096;
+constexpr int64_t kMaxChunks = 8;
+
+int64_t num_chunks(int64_t c) {
+  return c < kSplitColumns ? 1 : std::min<int64_t>(kMaxChunks, c / (kSplitColumns / 2));
+}
+
+// First i of chunk m of n, even (the two-row passes of ratio_row stay inside a chunk). The pairs
+// with i < x number x (c - x / 2) roughly: each chunk gets an equal share of the triangle.
+int64_t chunk_start(int64_t c, int64_t m, int64_t n) {
+  if (m <= 0) return 0;
+  if (m >= n) return c;
+  const double x = double(c) * (1.0 - std::sqrt(1.0 - double(m) / double(n)));
+  return std::min<int64_t>(c, static_cast<int64_t>(x) & ~int64_t(1));
+}
+
+// How a row is computed: its ranges, and which path (ratio form in float or double, or direct).
+enum class Path { kNonFinite, kRatioFloat, kRatioDouble, kDirect };
+
+struct RowPlan {
+  Range rs, rt;
+  Path path;
+};
+
+template <typename scalar_t, typename acc_t>
+RowPlan plan_row(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard) {
+  RowPlan plan{row_range(s, c), row_range(t, c), Path::kDirect};
+  if (!plan.rs.finite || !plan.rt.finite) {  // SPEC: a non-finite logit makes its row NaN, never 0
+    plan.path = Path::kNonFinite;
+    return plan;
+  }
+  const double spread = k * std::max(plan.rs.spread(), hard ? 0.0 : plan.rt.spread());
+  constexpr bool kFloatCompute = !std::is_same<acc_t, double>::value;
+  if (kFloatCompute && spread <= RatioLimits<float>::max_spread) {
+    plan.path = Path::kRatioFloat;
+  } else if (spread <= RatioLimits<double>::max_spread) {
+    plan.path = Path::kRatioDouble;
+  }
+  return plan;
+}
+
+// One chunk of one row: fills the thread's weight buffers (exp(2k (x - centre)) for the ratio form,
+// the logits for the direct one), then the chunk's unscaled sums: tau returned, the gradient sums
+// into the partial rows gs_out, gt_out (length C, in double; null when not asked for).
+template <typename T, typename scalar_t>
+double chunk_sums(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard,
+                  const RowPlan& plan, int64_t i_begin, int64_t i_end, RowBuffers<T>& buf,
+                  double* gs_out, double* gt_out) {
+  const bool direct = plan.path == Path::kDirect;
   const double two_k = 2.0 * k;
   for (int64_t i = 0; i < c; ++i) {
-    buf.student[i] = T(std::exp(T(two_k * (static_cast<double>(s[i]) - rs.centre()))));
-    buf.teacher[i] = hard ? T(static_cast<double>(t[i]))
-                          : T(std::exp(T(two_k * (static_cast<double>(t[i]) - rt.centre()))));
+    const double x = static_cast<double>(s[i]), y = static_cast<double>(t[i]);
+    buf.student[i] = direct ? T(x) : T(std::exp(T(two_k * (x - plan.rs.centre()))));
+    buf.teacher[i] = (direct || hard) ? T(y) : T(std::exp(T(two_k * (y - plan.rt.centre()))));
   }
   const int64_t padded = static_cast<int64_t>(buf.student.size());
   std::fill(buf.student.begin() + c, buf.student.end(), T(1));
   std::fill(buf.teacher.begin() + c, buf.teacher.end(), T(1));
   std::fill(buf.grad_s.begin(), buf.grad_s.begin() + padded, T(0));
   std::fill(buf.grad_t.begin(), buf.grad_t.begin() + padded, T(0));
-  // Each gradient's sums only when asked for (a distillation teacher is usually detached; an
-  // evaluation asks for none) and, for the teacher, not identically zero: without them the
-  // compiler drops their multiplies, loads and stores.
   const T* a = buf.student.data();
   const T* b = buf.teacher.data();
   T* gs = buf.grad_s.data();
   T* gt = buf.grad_t.data();
-  const bool want_s = grad_s != nullptr, want_t = grad_t != nullptr && !hard;
-  const T tau = hard ? (want_s ? ratio_row<T, true, true, false>(a, b, c, gs, gt)
-                               : ratio_row<T, true, false, false>(a, b, c, gs, gt))
-              : want_t ? (want_s ? ratio_row<T, false, true, true>(a, b, c, gs, gt)
-                                 : ratio_row<T, false, false, true>(a, b, c, gs, gt))
-                       : (want_s ? ratio_row<T, false, true, false>(a, b, c, gs, gt)
-                                 : ratio_row<T, false, false, false>(a, b, c, gs, gt));
-  const RowScale<double> scale(c, k);
-  *loss = acc_t(scale.loss(double(tau)));
-  if (grad_s)
-    for (int64_t i = 0; i < c; ++i) grad_s[i] = acc_t(scale.grad_scale * double(buf.grad_s[i]));
-  if (grad_t)
-    for (int64_t i = 0; i < c; ++i)
-      grad_t[i] = hard ? acc_t(0) : acc_t(scale.grad_scale * double(buf.grad_t[i]));
+  // Each gradient's sums only when asked for (a distillation teacher is usually detached; an
+  // evaluation asks for none) and, for the teacher, not identically zero: without them the
+  // compiler drops their multiplies, loads and stores.
+  const bool want_s = gs_out != nullptr, want_t = gt_out != nullptr && !hard;
+  T tau;
+  if (direct) {
+    if constexpr (std::is_same<T, double>::value) {
+      tau = hard ? direct_row<true>(a, b, c, i_begin, i_end, k, gs, gt)
+                 : direct_row<false>(a, b, c, i_begin, i_end, k, gs, gt);
+    } else {
+      TORCH_CHECK(false, "rkkd: the direct path computes in double");
+    }
+  } else {
+    tau = hard ? (want_s ? ratio_row<T, true, true, false>(a, b, c, i_begin, i_end, gs, gt)
+                         : ratio_row<T, true, false, false>(a, b, c, i_begin, i_end, gs, gt))
+        : want_t ? (want_s ? ratio_row<T, false, true, true>(a, b, c, i_begin, i_end, gs, gt)
+                           : ratio_row<T, false, false, true>(a, b, c, i_begin, i_end, gs, gt))
+                 : (want_s ? ratio_row<T, false, true, false>(a, b, c, i_begin, i_end, gs, gt)
+                           : ratio_row<T, false, false, false>(a, b, c, i_begin, i_end, gs, gt));
+  }
+  if (gs_out) std::copy(gs, gs + c, gs_out);
+  if (gt_out) std::copy(gt, gt + c, gt_out);
+  return double(tau);
 }
 
-template <typename scalar_t, typename acc_t>
-void direct_path(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard,
-                 RowBuffers<double>& buf, acc_t* loss, acc_t* grad_s, acc_t* grad_t) {
-  for (int64_t i = 0; i < c; ++i) {
-    buf.student[i] = static_cast<double>(s[i]);
-    buf.teacher[i] = static_cast<double>(t[i]);
+// The thread's buffers for both compute types, sized at first use.
+struct ThreadBuffers {
+  RowBuffers<float> f;
+  RowBuffers<double> d;
+  int64_t padded;
+  explicit ThreadBuffers(int64_t c) : padded(c + kVectorBytes / int64_t(sizeof(float))) {}
+
+  template <typename scalar_t>
+  double chunk(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard,
+               const RowPlan& plan, int64_t i_begin, int64_t i_end, double* gs, double* gt) {
+    if (plan.path == Path::kRatioFloat) {
+      if (f.student.empty()) f.resize(padded);
+      return chunk_sums<float>(s, t, c, k, hard, plan, i_begin, i_end, f, gs, gt);
+    }
+    if (d.student.empty()) d.resize(padded);
+    return chunk_sums<double>(s, t, c, k, hard, plan, i_begin, i_end, d, gs, gt);
   }
-  std::fill(buf.grad_s.begin(), buf.grad_s.end(), 0.0);
-  std::fill(buf.grad_t.begin(), buf.grad_t.end(), 0.0);
-  const double tau = hard ? direct_row<true>(buf.student.data(), buf.teacher.data(), c, k,
-                                             buf.grad_s.data(), buf.grad_t.data())
-                          : direct_row<false>(buf.student.data(), buf.teacher.data(), c, k,
-                                              buf.grad_s.data(), buf.grad_t.data());
+};
+
+// Loss and scaled gradients of a row from its chunks' sums, added in chunk order.
+template <typename acc_t>
+void finish_row(int64_t c, double k, bool hard, const RowPlan& plan, int64_t n,
+                const double* taus, const double* gs_parts, const double* gt_parts, acc_t* loss,
+                acc_t* grad_s, acc_t* grad_t) {
+  if (plan.path == Path::kNonFinite) {
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    *loss = nan;
+    if (grad_s) std::fill(grad_s, grad_s + c, nan);
+    if (grad_t) std::fill(grad_t, grad_t + c, hard ? acc_t(0) : nan);
+    return;
+  }
   const RowScale<double> scale(c, k);
+  double tau = taus[0];
+  for (int64_t m = 1; m < n; ++m) tau += taus[m];
   *loss = acc_t(scale.loss(tau));
-  if (grad_s)
-    for (int64_t i = 0; i < c; ++i) grad_s[i] = acc_t(scale.grad_scale * buf.grad_s[i]);
-  if (grad_t)
-    for (int64_t i = 0; i < c; ++i) grad_t[i] = acc_t(scale.grad_scale * buf.grad_t[i]);
+  for (auto [parts, out] : {std::make_pair(gs_parts, grad_s), std::make_pair(gt_parts, grad_t)}) {
+    if (!out) continue;
+    if (out == grad_t && hard) {
+      std::fill(grad_t, grad_t + c, acc_t(0));
+      continue;
+    }
+    for (int64_t i = 0; i < c; ++i) {
+      double sum = parts[i];
+      for (int64_t m = 1; m < n; ++m) sum += parts[m * c + i];
+      out[i] = acc_t(scale.grad_scale * sum);
+    }
+  }
 }
 
 template <typename scalar_t, typename acc_t>
 void kendall_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t c, double k,
                   bool hard, acc_t* loss, acc_t* grad_s, acc_t* grad_t) {
-  constexpr bool kFloatCompute = !std::is_same<acc_t, double>::value;
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kSlack = kVectorBytes / sizeof(float);
-    RowBuffers<float> fbuf;
-    RowBuffers<double> dbuf;
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* s_row = s + r * c;
-      const scalar_t* t_row = t + r * c;
-      acc_t* gs_row = grad_s ? grad_s + r * c : nullptr;
-      acc_t* gt_row = grad_t ? grad_t + r * c : nullptr;
-      const Range rs = row_range(s_row, c);
-      const Range rt = row_range(t_row, c);
-      if (!rs.finite || !rt.finite) {  // SPEC: a non-finite logit makes its row NaN, never 0
-        const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-        loss[r] = nan;
-        if (gs_row) std::fill(gs_row, gs_row + c, nan);
-        if (gt_row) std::fill(gt_row, gt_row + c, hard ? acc_t(0) : nan);
-        continue;
+  const int64_t n = num_chunks(c);
+  const bool want_s = grad_s != nullptr, want_t = grad_t != nullptr && !hard;
+  // One row's partial sums: n taus, n partial rows per gradient asked for.
+  auto row_parts = [&](std::vector<double>& store, int64_t slot) {
+    const int64_t per_row = n + (want_s ? n * c : 0) + (want_t ? n * c : 0);
+    if (int64_t(store.size()) < (slot + 1) * per_row) store.resize((slot + 1) * per_row);
+    double* base = store.data() + slot * per_row;
+    double* gs = want_s ? base + n : nullptr;
+    double* gt = want_t ? base + n + (want_s ? n * c : 0) : nullptr;
+    return std::make_tuple(base, gs, gt);
+  };
+  auto finish = [&](int64_t r, const RowPlan& plan, double* taus, double* gs, double* gt) {
+    finish_row(c, k, hard, plan, n, taus, gs, gt, loss + r, grad_s ? grad_s + r * c : nullptr,
+               grad_t ? grad_t + r * c : nullptr);
+  };
+
+  if (n == 1 || rows >= at::get_num_threads()) {
+    // Enough rows for every thread: each row on one thread, its chunks one after the other.
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      ThreadBuffers buffers(c);
+      std::vector<double> store;
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* s_row = s + r * c;
+        const scalar_t* t_row = t + r * c;
+        const RowPlan plan = plan_row<scalar_t, acc_t>(s_row, t_row, c, k, hard);
+        auto [taus, gs, gt] = row_parts(store, 0);
+        if (plan.path != Path::kNonFinite) {
+          for (int64_t m = 0; m < n; ++m) {
+            taus[m] = buffers.chunk(s_row, t_row, c, k, hard, plan, chunk_start(c, m, n),
+                                    chunk_start(c, m + 1, n), gs ? gs + m * c : nullptr,
+                                    gt ? gt + m * c : nullptr);
+          }
+        }
+        finish(r, plan, taus, gs, gt);
       }
-      const double spread = k * std::max(rs.spread(), hard ? 0.0 : rt.spread());
-      if (kFloatCompute && spread <= RatioLimits<float>::max_spread) {
-        if (fbuf.student.size() == 0) fbuf.resize(c + kSlack);
-        ratio_path<float>(s_row, t_row, c, k, hard, rs, rt, fbuf, loss + r, gs_row, gt_row);
-      } else if (spread <= RatioLimits<double>::max_spread) {
-        if (dbuf.student.size() == 0) dbuf.resize(c + kSlack);
-        ratio_path<double>(s_row, t_row, c, k, hard, rs, rt, dbuf, loss + r, gs_row, gt_row);
-      } else {
-        if (dbuf.student.size() == 0) dbuf.resize(c + kSlack);
-        direct_path(s_row, t_row, c, k, hard, dbuf, loss + r, gs_row, gt_row);
-      }
+    });
+    return;
+  }
+  // Fewer rows than threads: the (row, chunk) pieces of a group of rows run in parallel, then the
+  // rows are finished; a group is as many rows as keep the threads busy, to bound the partials.
+  const int64_t group = std::max<int64_t>(1, (at::get_num_threads() + n - 1) / n);
+  std::vector<double> store;
+  std::vector<RowPlan> plans(std::min(group, rows));
+  for (int64_t first = 0; first < rows; first += group) {
+    const int64_t count = std::min(group, rows - first);
+    for (int64_t g = 0; g < count; ++g) {
+      plans[g] = plan_row<scalar_t, acc_t>(s + (first + g) * c, t + (first + g) * c, c, k, hard);
+      row_parts(store, g);  // sized here, outside the parallel region
     }
-  });
+    at::parallel_for(0, count * n, 1, [&](int64_t begin, int64_t end) {
+      ThreadBuffers buffers(c);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t g = item / n, m = item % n;
+        if (plans[g].path == Path::kNonFinite) continue;
+        auto [taus, gs, gt] = row_parts(store, g);
+        taus[m] = buffers.chunk(s + (first + g) * c, t + (first + g) * c, c, k, hard, plans[g],
+                                chunk_start(c, m, n), chunk_start(c, m + 1, n),
+                                gs ? gs + m * c : nullptr, gt ? gt + m * c : nullptr);
+      }
+    });
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        auto [taus, gs, gt] = row_parts(store, g);
+        finish(first + g, plans[g], taus, gs, gt);
+      }
+    });
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cpu(const at::Tensor& student,

@@ -448,6 +448,32 @@ def test_cpu_result_does_not_depend_on_thread_count():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("c", [4096, 6145])
+def test_cpu_long_rows_split_into_chunks(dtype, hard, c):
+    """Rows of C >= 4096 are cut into chunks of i (2 for 4096, 3 for 6145) so that fewer rows
+    than threads still use every thread. Right against the reference, and the cut must not
+    depend on the batch (one row alone runs its chunks on several threads, a batch runs each
+    row on one thread) nor on the thread count."""
+    k = 1.3
+    s = make_logits((3, c), dtype, seed=c)
+    t = make_logits((3, c), dtype, seed=c + 1)
+    batch = loss_and_grads(s, t, "cpu", k=k, hard_teacher=hard)
+    alone = loss_and_grads(s[1:2], t[1:2], "cpu", k=k, hard_teacher=hard)
+    for a, b in zip(batch, alone):
+        assert torch.equal(a[1:2], b)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = loss_and_grads(s[1:2], t[1:2], "cpu", k=k, hard_teacher=hard)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(alone, serial):
+        assert torch.equal(a, b)
+    assert_matches(alone, truth(s[1:2], t[1:2], k=k, hard_teacher=hard), dtype, k)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, False)])
 def test_opcheck_cpu_op(dtype, need):
