@@ -253,13 +253,11 @@ RowPlan plan_row(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool
   return plan;
 }
 
-// One chunk of one row: fills the thread's weight buffers (exp(2k (x - centre)) for the ratio form,
-// the logits for the direct one), then the chunk's unscaled sums: tau returned, the gradient sums
-// into the partial rows gs_out, gt_out (length C, in double; null when not asked for).
+// Fills a thread's weight buffers with one row: exp(2k (x - centre)) for the ratio form (for a hard
+// teacher, the teacher logits themselves), the logits for the direct form; padded with ones.
 template <typename T, typename scalar_t>
-double chunk_sums(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard,
-                  const RowPlan& plan, int64_t i_begin, int64_t i_end, RowBuffers<T>& buf,
-                  double* gs_out, double* gt_out) {
+void load_row(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard,
+              const RowPlan& plan, RowBuffers<T>& buf) {
   const bool direct = plan.path == Path::kDirect;
   const double two_k = 2.0 * k;
   for (int64_t i = 0; i < c; ++i) {
@@ -267,11 +265,17 @@ double chunk_sums(const scalar_t* s, const scalar_t* t, int64_t c, double k, boo
     buf.student[i] = direct ? T(x) : T(std::exp(T(two_k * (x - plan.rs.centre()))));
     buf.teacher[i] = (direct || hard) ? T(y) : T(std::exp(T(two_k * (y - plan.rt.centre()))));
   }
-  const int64_t padded = static_cast<int64_t>(buf.student.size());
   std::fill(buf.student.begin() + c, buf.student.end(), T(1));
   std::fill(buf.teacher.begin() + c, buf.teacher.end(), T(1));
-  std::fill(buf.grad_s.begin(), buf.grad_s.begin() + padded, T(0));
-  std::fill(buf.grad_t.begin(), buf.grad_t.begin() + padded, T(0));
+}
+
+// One chunk of the row in the weight buffers: its unscaled sums, tau returned, the gradient sums
+// into the partial rows gs_out, gt_out (length C, in double; null when not asked for).
+template <typename T>
+double chunk_sums(int64_t c, double k, bool hard, const RowPlan& plan, int64_t i_begin,
+                  int64_t i_end, RowBuffers<T>& buf, double* gs_out, double* gt_out) {
+  std::fill(buf.grad_s.begin(), buf.grad_s.end(), T(0));
+  std::fill(buf.grad_t.begin(), buf.grad_t.end(), T(0));
   const T* a = buf.student.data();
   const T* b = buf.teacher.data();
   T* gs = buf.grad_s.data();
@@ -281,7 +285,7 @@ double chunk_sums(const scalar_t* s, const scalar_t* t, int64_t c, double k, boo
   // compiler drops their multiplies, loads and stores.
   const bool want_s = gs_out != nullptr, want_t = gt_out != nullptr && !hard;
   T tau;
-  if (direct) {
+  if (plan.path == Path::kDirect) {
     if constexpr (std::is_same<T, double>::value) {
       tau = hard ? direct_row<true>(a, b, c, i_begin, i_end, k, gs, gt)
                  : direct_row<false>(a, b, c, i_begin, i_end, k, gs, gt);
@@ -301,7 +305,8 @@ double chunk_sums(const scalar_t* s, const scalar_t* t, int64_t c, double k, boo
   return double(tau);
 }
 
-// The thread's buffers for both compute types, sized at first use.
+// The thread's buffers for both compute types, sized at first use: load a row once, then run any
+// of its chunks.
 struct ThreadBuffers {
   RowBuffers<float> f;
   RowBuffers<double> d;
@@ -309,14 +314,22 @@ struct ThreadBuffers {
   explicit ThreadBuffers(int64_t c) : padded(c + kVectorBytes / int64_t(sizeof(float))) {}
 
   template <typename scalar_t>
-  double chunk(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard,
-               const RowPlan& plan, int64_t i_begin, int64_t i_end, double* gs, double* gt) {
+  void load(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard,
+            const RowPlan& plan) {
     if (plan.path == Path::kRatioFloat) {
       if (f.student.empty()) f.resize(padded);
-      return chunk_sums<float>(s, t, c, k, hard, plan, i_begin, i_end, f, gs, gt);
+      load_row(s, t, c, k, hard, plan, f);
+    } else {
+      if (d.student.empty()) d.resize(padded);
+      load_row(s, t, c, k, hard, plan, d);
     }
-    if (d.student.empty()) d.resize(padded);
-    return chunk_sums<double>(s, t, c, k, hard, plan, i_begin, i_end, d, gs, gt);
+  }
+
+  double chunk(int64_t c, double k, bool hard, const RowPlan& plan, int64_t i_begin,
+               int64_t i_end, double* gs, double* gt) {
+    return plan.path == Path::kRatioFloat
+               ? chunk_sums(c, k, hard, plan, i_begin, i_end, f, gs, gt)
+               : chunk_sums(c, k, hard, plan, i_begin, i_end, d, gs, gt);
   }
 };
 
@@ -336,16 +349,19 @@ void finish_row(int64_t c, double k, bool hard, const RowPlan& plan, int64_t n,
   double tau = taus[0];
   for (int64_t m = 1; m < n; ++m) tau += taus[m];
   *loss = acc_t(scale.loss(tau));
-  for (auto [parts, out] : {std::make_pair(gs_parts, grad_s), std::make_pair(gt_parts, grad_t)}) {
-    if (!out) continue;
-    if (out == grad_t && hard) {
-      std::fill(grad_t, grad_t + c, acc_t(0));
-      continue;
-    }
+  auto scaled_sums = [&](const double* parts, acc_t* out) {
     for (int64_t i = 0; i < c; ++i) {
       double sum = parts[i];
       for (int64_t m = 1; m < n; ++m) sum += parts[m * c + i];
       out[i] = acc_t(scale.grad_scale * sum);
+    }
+  };
+  if (grad_s) scaled_sums(gs_parts, grad_s);
+  if (grad_t) {
+    if (hard) {
+      std::fill(grad_t, grad_t + c, acc_t(0));
+    } else {
+      scaled_sums(gt_parts, grad_t);
     }
   }
 }
@@ -380,10 +396,10 @@ void kendall_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t c,
         const RowPlan plan = plan_row<scalar_t, acc_t>(s_row, t_row, c, k, hard);
         auto [taus, gs, gt] = row_parts(store, 0);
         if (plan.path != Path::kNonFinite) {
+          buffers.load(s_row, t_row, c, k, hard, plan);
           for (int64_t m = 0; m < n; ++m) {
-            taus[m] = buffers.chunk(s_row, t_row, c, k, hard, plan, chunk_start(c, m, n),
-                                    chunk_start(c, m + 1, n), gs ? gs + m * c : nullptr,
-                                    gt ? gt + m * c : nullptr);
+            taus[m] = buffers.chunk(c, k, hard, plan, chunk_start(c, m, n), chunk_start(c, m + 1, n),
+                                    gs ? gs + m * c : nullptr, gt ? gt + m * c : nullptr);
           }
         }
         finish(r, plan, taus, gs, gt);
@@ -408,8 +424,9 @@ void kendall_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t c,
         const int64_t g = item / n, m = item % n;
         if (plans[g].path == Path::kNonFinite) continue;
         auto [taus, gs, gt] = row_parts(store, g);
-        taus[m] = buffers.chunk(s + (first + g) * c, t + (first + g) * c, c, k, hard, plans[g],
-                                chunk_start(c, m, n), chunk_start(c, m + 1, n),
+        // Each piece may land on another thread: each loads its row (O(C) beside O(C^2 / n)).
+        buffers.load(s + (first + g) * c, t + (first + g) * c, c, k, hard, plans[g]);
+        taus[m] = buffers.chunk(c, k, hard, plans[g], chunk_start(c, m, n), chunk_start(c, m + 1, n),
                                 gs ? gs + m * c : nullptr, gt ? gt + m * c : nullptr);
       }
     });
