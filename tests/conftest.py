@@ -45,3 +45,16 @@ def backend_params():
 def interpreted(backend: str, device: str) -> bool:
     """True when a backend runs under the Triton interpreter (slow: keep shapes small)."""
     return backend == "triton" and device == "cpu"
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tool_env() -> dict:
+    """Environment for running the repository's tools (benchmarks) in a child process: the repo
+    on PYTHONPATH, and TRITON_INTERPRET unset (this file sets it for the kernel tests; the tools
+    compile or time real kernels)."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    return env

@@ -1,16 +1,14 @@
 """The benchmark's --quick preset runs and writes what issue 5 promises (CSV columns, rows, plots)."""
 
 import csv
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 
+from conftest import REPO_ROOT, tool_env
 from rkkd_kernels import available_backends
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED_COLUMNS = {
     "backend", "mode", "B", "C", "dtype", "top_k", "median_ms", "iqr_ms", "peak_mem_mb",
     "pairs_per_s", "speedup_vs_eager", "speedup_vs_compile", "compile_s", "status",
@@ -20,13 +18,10 @@ REQUIRED_COLUMNS = {
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_quick")
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # conftest sets it for the kernel tests; benchmarks never use it
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_kendall", "--quick", "--out", str(out)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, env=tool_env(), capture_output=True, text=True, timeout=300,
     )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -8,28 +8,20 @@ About 40 s here with a cold Triton cache (~/.triton/cache), a few seconds with a
 """
 
 import csv
-import os
 import subprocess
 import sys
 
 import pytest
 
+from conftest import REPO_ROOT, tool_env
+
 pytest.importorskip("triton")
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _env():
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # conftest sets it for the kernel tests; compiling needs it unset
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    return env
 
 
 def _aot_api_missing():
     """Asked in a child process: the tool imports the kernels, which needs TRITON_INTERPRET unset."""
     probe = "from benchmarks.triton_aot import aot_api_missing; print(aot_api_missing() or '')"
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, env=tool_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip() or None
@@ -41,7 +33,7 @@ def test_every_kernel_variant_compiles_for_sm90_without_spilling(tmp_path):
         pytest.skip(missing)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.triton_aot", "--quick", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT, env=tool_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "aot.csv", newline="") as f:
