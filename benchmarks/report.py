@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from train import tables
 
 from .measure import MODES, REFERENCE_PROVIDERS
 
@@ -90,20 +91,8 @@ def add_speedups(rows: List[Row]) -> None:
             row[column] = base["median_ms"] / row["median_ms"] if _ok(base) and _ok(row) else None
 
 
-def write_csv(path: str, rows: Iterable[Row], columns: Sequence[str]) -> None:
-    with open(path, "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: _csv_value(row.get(c)) for c in columns})
-
-
-def _csv_value(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
+# The CSV files: the same writer as the harness's (None and non-finite cells empty).
+write_csv = tables.write_csv
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -189,9 +178,7 @@ def e2e_table(rows: List[Row], markdown: bool = False) -> str:
 
 def _render(header: List[str], lines: List[List[str]], markdown: bool) -> str:
     if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
-        out += ["| " + " | ".join(line) + " |" for line in lines]
-        return "\n".join(out)
+        return tables.markdown_table(header, lines, padded=False)
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
               for i, h in enumerate(header)]
     out = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]

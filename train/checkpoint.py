@@ -1,5 +1,7 @@
 """Checkpoints: atomic writes, and the random state needed to resume a run exactly.
 
+Also the checkpoints of a training phase: what they hold, and resuming from them.
+
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so that it loads with
 ``torch.load(weights_only=True)`` (no pickled code runs on load).
 """
@@ -9,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -74,3 +76,49 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# A training phase's checkpoints: OUT/<phase>/last.pt (latest) and final.pt (complete run)
+# ---------------------------------------------------------------------------------------------
+
+
+def save_phase(state: Dict[str, Any], phase_dir: str, complete: bool) -> None:
+    """Write a phase's state to ``last.pt``, and to ``final.pt`` too when the phase is complete."""
+    save_atomic(state, os.path.join(phase_dir, "last.pt"))
+    if complete:
+        save_atomic(state, os.path.join(phase_dir, "final.pt"))
+
+
+def resume_phase(
+    path: str, options: Dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: Any, rank: int, world_size: int, log: Callable[[str], None],
+) -> Optional[Dict[str, Any]]:
+    """Load a phase's checkpoint into the model, optimizer, scheduler and this process's random state.
+
+    Returns the rest of the saved state (position, history, running statistics), or None when
+    there is no checkpoint yet. A checkpoint written with other result-relevant ``options`` is
+    refused (``ValueError`` naming them): continuing it would mix two runs.
+    """
+    from .config import ConfigError
+
+    if not os.path.isfile(path):
+        return None
+    state = load(path, map_location="cpu")
+    changed = sorted(k for k in set(options) | set(state["options"])
+                     if options.get(k) != state["options"].get(k))
+    if changed:
+        raise ConfigError(
+            f"--resume: {path} was written with different options ({', '.join(changed)}); "
+            "resume with the same options or choose another --out"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_states = state["rng"]
+    if len(rng_states) == world_size:
+        restore_rng_state(rng_states[rank])
+    else:
+        log(f"note: {path} holds random states for {len(rng_states)} processes, this run "
+            f"has {world_size}; continuing with fresh random states")
+    return state

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -24,8 +23,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .config import Config
 from .data import build_data
-from .distill import Config, Phase, format_table, setup_runtime, train_phase
+from .loop import Phase, train_phase
+from .outputs import format_table, plot_comparison, write_summary
+from .runtime import setup_runtime
 
 # (name, description, ce_weight, kd_weight, rank_weight)
 STUDENTS = [
@@ -59,31 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
-
-
-def plot_comparison(runs: Dict[str, List[Dict[str, Any]]], teacher_top1: float, path: str) -> None:
-    """comparison.png: validation top-1 and student-teacher Kendall tau per epoch, per student."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, history in runs.items():
-        epochs = [row["epoch"] for row in history]
-        left.plot(epochs, [row["val_top1"] for row in history], marker="o", label=label)
-        right.plot(epochs, [row["val_tau"] for row in history], marker="o", label=label)
-    if not math.isnan(teacher_top1):
-        left.axhline(teacher_top1, color="grey", linestyle="--", label="teacher")
-    left.set_title("shapes1000 validation top-1 (%)")
-    right.set_title("validation Kendall tau (student vs teacher)")
-    for axis in (left, right):
-        axis.set_xlabel("epoch")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -128,8 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table = format_table(rows, COLUMNS)
     wall = time.perf_counter() - start
     print("\n" + table + f"\n\ntotal wall time {wall:.0f} s")
-    with open(os.path.join(args.out, "summary.md"), "w") as handle:
-        handle.write(table + f"\n\ntotal wall time {wall:.0f} s\n")
+    write_summary(args.out, table, f"total wall time {wall:.0f} s")
     plot_comparison(histories, teacher_summary["val_top1"], os.path.join(args.out, "comparison.png"))
     print(f"wrote {os.path.join(args.out, 'summary.md')} and "
           f"{os.path.join(args.out, 'comparison.png')}")
