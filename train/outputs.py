@@ -76,22 +76,6 @@ def plot_history(history: List[Dict[str, Any]], path: str, title: str) -> None:
     _finish(plt, figure, axes.flat, path, title)
 
 
-def plot_comparison(runs: Dict[str, List[Dict[str, Any]]], teacher_top1: float, path: str,
-                    title: str = "") -> None:
-    """Validation top-1 and student-teacher Kendall tau per epoch, one curve per run."""
-    plt = _pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, history in runs.items():
-        epochs = [row["epoch"] for row in history]
-        left.plot(epochs, [row["val_top1"] for row in history], marker="o", label=label)
-        right.plot(epochs, [row["val_tau"] for row in history], marker="o", label=label)
-    if not math.isnan(teacher_top1):
-        left.axhline(teacher_top1, color="grey", linestyle="--", label="teacher")
-    left.set_title("shapes1000 validation top-1 (%)")
-    right.set_title("validation Kendall tau (student vs teacher)")
-    _finish(plt, figure, (left, right), path, title)
-
-
 def _finish(plt, figure, axes, path: str, title: str) -> None:
     for axis in axes:
         axis.set_xlabel("epoch")
@@ -103,3 +87,23 @@ def _finish(plt, figure, axes, path: str, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
+
+
+def plot_seeds(runs: List[Dict[str, Any]], teacher_top1: float, path: str) -> None:
+    """Validation top-1 and Kendall tau per epoch: one curve per (arm, seed), a colour per arm."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    arms = sorted({run["arm"] for run in runs})
+    colours = {arm: f"C{i}" for i, arm in enumerate(arms)}
+    styles = ["-", "--", ":", "-."]
+    for run in runs:
+        epochs = [row["epoch"] for row in run["history"]]
+        style = dict(color=colours[run["arm"]], linestyle=styles[run["seed"] % len(styles)],
+                     marker="o", markersize=3, label=f"{run['loss']}, seed {run['seed']}")
+        left.plot(epochs, [row["val_top1"] for row in run["history"]], **style)
+        right.plot(epochs, [row["val_tau"] for row in run["history"]], **style)
+    if not math.isnan(teacher_top1):
+        left.axhline(teacher_top1, color="grey", linestyle="--", label="teacher")
+    left.set_title("shapes1000 validation top-1 (%)")
+    right.set_title("validation Kendall tau (student vs teacher)")
+    _finish(plt, figure, (left, right), path, "")
