@@ -91,12 +91,41 @@ def test_demo_runs_at_tiny_scale(tmp_path, capsys):
     assert demo.main(["--out", out, "--image-size", "12", "--train-per-class", "1",
                       "--val-per-class", "1", "--teacher-arch", "cifar_resnet8",
                       "--teacher-epochs", "1", "--epochs", "1", "--max-steps", "2",
-                      "--batch-size", "100", "--no-progress"]) == 0
+                      "--batch-size", "100", "--seeds", "2", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    for label in ("CE only", "CE + KD", "CE + KD + Kendall"):
-        assert label in printed
-    assert os.path.isfile(os.path.join(out, "comparison.png"))
-    assert os.path.isfile(os.path.join(out, "summary.md"))
+    for label in ("CE + KD", "CE + KD + Kendall", "kd_rank - kd, val_top1", "95% t-interval",
+                  "t = 12.706, 1 dof", "load average"):
+        assert label in printed, label
+    for name in ("comparison.png", "summary.md", "results.csv"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    rows = _read_csv(os.path.join(out, "results.csv"))
+    assert [(r["seed"], r["arm"]) for r in rows] == [
+        ("0", "teacher"), ("0", "kd"), ("0", "kd_rank"), ("1", "kd"), ("1", "kd_rank")]
+    assert all(r["val_tau"] != "" for r in rows[1:]) and rows[0]["val_tau"] == ""
+    for seed in (0, 1):
+        for arm in ("kd", "kd_rank"):
+            assert os.path.isfile(os.path.join(out, f"seed{seed}", arm, "metrics.csv"))
+
+
+def test_demo_seeds_share_the_teacher_and_arms_share_the_seed(tmp_path):
+    """Within a seed both arms start from the same weights and see the same images in the same
+    order; another seed changes all three; the teacher is trained once."""
+    from train import demo
+
+    out = str(tmp_path / "demo")
+    assert demo.main(["--out", out, "--image-size", "12", "--train-per-class", "1",
+                      "--val-per-class", "1", "--teacher-arch", "cifar_resnet8",
+                      "--teacher-epochs", "1", "--epochs", "1", "--max-steps", "1",
+                      "--batch-size", "100", "--seeds", "2", "--rank-weight", "0",
+                      "--no-progress"]) == 0
+    # With rank weight 0 both arms compute the same loss: identical seeds give identical results.
+    final = {(seed, arm): checkpoint.load(os.path.join(out, f"seed{seed}", arm, "last.pt"))
+             for seed in (0, 1) for arm in ("kd", "kd_rank")}
+    for name, tensor in final[(0, "kd")]["model"].items():
+        assert torch.equal(tensor, final[(0, "kd_rank")]["model"][name]), name
+    assert any(not torch.equal(tensor, final[(1, "kd")]["model"][name])
+               for name, tensor in final[(0, "kd")]["model"].items())
+    assert sorted(os.listdir(out)).count("teacher") == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,20 +19,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from rkkd_kernels import kendall_loss
 
-from .config import Config, ConfigError, parse_config, validate_config
-from .data import DataError, build_data
-from .loop import TAU_METRIC_K, Phase, train_phase
+from .config import Config, ConfigError, parse_config, resolve_batch_size, validate_config
+from .data import DataBundle, DataError, build_data
+from .evaluation import TAU_METRIC_K, evaluate_teacher
+from .loop import Phase, train_phase
 from .models import DESIGN_IMAGE_SIZE
 from .outputs import SUMMARY_COLUMNS, format_table, write_summary
 from .runtime import Runtime, setup_runtime, shutdown_runtime
-from .teacher import load_teacher
+from .teacher import load_pretrained_teacher, load_teacher
 
 __all__ = ["Config", "ConfigError", "TAU_METRIC_K", "main", "parse_config", "run",
            "validate_config"]
@@ -58,9 +59,22 @@ def run(cfg: Config) -> List[Dict[str, Any]]:
 
 
 def _run(cfg: Config, runtime: Runtime) -> List[Dict[str, Any]]:
+    log = print if runtime.is_main else (lambda *a, **k: None)
+    cfg, data = _prepare(cfg, runtime, log)
+    summaries: List[Dict[str, Any]] = []
+    teacher, teacher_steps = _teacher(cfg, data, runtime, log, summaries)
+    student_phase = Phase("student", cfg.arch, cfg.epochs, cfg.lr, cfg.ce_weight, cfg.kd_weight,
+                          cfg.rank_weight, seed_offset=2, teacher_steps=teacher_steps)
+    summaries.append(train_phase(cfg, student_phase, data, teacher, runtime))
+    _print_summary(cfg, summaries, runtime)
+    return summaries
+
+
+def _prepare(cfg: Config, runtime: Runtime, log) -> Tuple[Config, DataBundle]:
+    """The run's resolved options and its data; every check that needs them, before training."""
+    cfg = resolve_batch_size(cfg, runtime.world_size)
     if cfg.image_size is None:
         cfg = dataclasses.replace(cfg, image_size=224 if cfg.data == "imagenet" else 32)
-    log = print if runtime.is_main else (lambda *a, **k: None)
     if cfg.rank_weight > 0:
         _probe_rank_backend(cfg, runtime.device)
     data = build_data(cfg.data, cfg.data_dir, cfg.image_size, cfg.seed,
@@ -77,12 +91,28 @@ def _run(cfg: Config, runtime: Runtime) -> List[Dict[str, Any]]:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.yaml"), "w") as handle:
             yaml.safe_dump(dataclasses.asdict(cfg), handle, sort_keys=False)
+    return cfg, data
 
-    summaries: List[Dict[str, Any]] = []
+
+def _teacher(cfg: Config, data: DataBundle, runtime: Runtime, log,
+             summaries: List[Dict[str, Any]]) -> Tuple[Optional[nn.Module], Optional[int]]:
+    """The teacher (None without one) and, when trained here, its steps (part of the student's
+    identity on --resume). A trained teacher's summary goes into ``summaries``, and so does the
+    validation check of a given one."""
     teacher: Optional[nn.Module] = None
-    teacher_steps: Optional[int] = None  # a trained teacher's steps: part of the student's identity
-    if cfg.teacher_ckpt is not None:
-        teacher = load_teacher(cfg.teacher_ckpt, cfg.teacher_arch, data.num_classes, runtime.device)
+    teacher_steps: Optional[int] = None
+    if cfg.teacher_ckpt is not None or cfg.teacher_weights is not None:
+        if cfg.teacher_weights is not None:
+            teacher, arch = load_pretrained_teacher(cfg.teacher_arch, cfg.teacher_weights,
+                                                    data.num_classes, runtime.device), cfg.teacher_arch
+        else:
+            teacher, arch = load_teacher(cfg.teacher_ckpt, cfg.teacher_arch, data.num_classes,
+                                         runtime.device)
+        metrics = evaluate_teacher(cfg, teacher, data, runtime)
+        source = cfg.teacher_weights or cfg.teacher_ckpt
+        log(f"[teacher] {arch} from {source}: validation top-1 {metrics['val_top1']:.2f} %, "
+            f"top-5 {metrics['val_top5']:.2f} %, CE {metrics['val_ce']:.4g}")
+        summaries.append({"phase": "teacher (given)", "arch": arch, **metrics})
     elif cfg.train_teacher:
         teacher_phase = Phase("teacher", cfg.teacher_arch or "cifar_resnet20x2", cfg.teacher_epochs,
                               cfg.teacher_lr or cfg.lr, 1.0, 0.0, 0.0, seed_offset=1)
@@ -95,12 +125,7 @@ def _run(cfg: Config, runtime: Runtime) -> List[Dict[str, Any]]:
     if teacher is not None:
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
-
-    student_phase = Phase("student", cfg.arch, cfg.epochs, cfg.lr, cfg.ce_weight, cfg.kd_weight,
-                          cfg.rank_weight, seed_offset=2, teacher_steps=teacher_steps)
-    summaries.append(train_phase(cfg, student_phase, data, teacher, runtime))
-    _print_summary(cfg, summaries, runtime)
-    return summaries
+    return teacher, teacher_steps
 
 
 def _print_summary(cfg: Config, summaries: List[Dict[str, Any]], runtime: Runtime) -> None:

@@ -13,7 +13,6 @@ import dataclasses
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -28,17 +27,15 @@ from rkkd_kernels import kendall_loss
 from . import checkpoint, outputs
 from .config import RESUME_FREE_OPTIONS, Config, ConfigError
 from .data import DataBundle
+from .evaluation import evaluate, validation_loader
 from .models import build_model
-from .runtime import Runtime, Shard, SkipFirst, Stopwatch, all_reduce_sum, seed_everything
+from .runtime import (Runtime, SkipFirst, Stopwatch, autocaster, loader_options,
+                      seed_everything)
 from .stats import SUM_FIELDS, TERMS, EpochStats, Interval, Progress
-
-# Steepness used to measure the (hard) Kendall tau on validation with the fused kernel:
-# tanh(1e6 * d) is +-1 in float32 for any |d| > 1e-5, so 1 - loss is Kendall's tau-a.
-TAU_METRIC_K = 1e6
 
 STUDENT_ONLY_OPTIONS = ("arch", "epochs", "lr", "ce_weight", "kd_weight", "rank_weight",
                         "temperature", "rank_k", "rank_top_k", "rank_hard_teacher", "rank_backend",
-                        "teacher_ckpt")
+                        "teacher_ckpt", "teacher_weights")
 
 
 @dataclass
@@ -73,10 +70,18 @@ class Phase:
 # ---------------------------------------------------------------------------------------------
 
 
-def _lr_lambda(warmup_steps: int, total_steps: int):
+def lr_factor(cfg: Config, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning rate of step ``i`` over the peak: a linear warm-up of --warmup-epochs, then
+    cosine decay to 0 at the end, or x --lr-gamma from the first step of each milestone epoch."""
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    total_steps = steps_per_epoch * epochs
+    milestone_steps = [m * steps_per_epoch for m in cfg.milestones]
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if cfg.schedule == "step":
+            return cfg.lr_gamma ** sum(step >= m for m in milestone_steps)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -106,48 +111,6 @@ def loss_terms(
         )
         rank_watch.stop()
     return terms
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, teacher: Optional[nn.Module], loader: DataLoader, runtime: Runtime,
-    autocast_ctx, tau_stride: int = 1,
-) -> Dict[str, float]:
-    """Validation CE, top-1, top-5 (in %), and the mean student-teacher Kendall tau per image.
-
-    The tau uses every ``tau_stride``-th image of each batch: it costs C^2 pair terms per image.
-    """
-    model.eval()
-    sums = torch.zeros(6, dtype=torch.float64, device=runtime.device)  # n, ce, top1, top5, n_tau, tau
-    for images, labels in loader:
-        images = images.to(runtime.device, non_blocking=True)
-        labels = labels.to(runtime.device, non_blocking=True)
-        with autocast_ctx():
-            logits = model(images)
-            teacher_logits = teacher(images) if teacher is not None else None
-        logits = logits.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == labels[:, None]
-        sums[0] += labels.numel()
-        sums[1] += F.cross_entropy(logits, labels, reduction="sum").double()
-        sums[2] += hits[:, 0].sum()
-        sums[3] += hits.any(dim=1).sum()
-        if teacher_logits is not None:
-            student_rows = logits[::tau_stride]
-            teacher_rows = teacher_logits.float()[::tau_stride]
-            # The loss is 1 - tau per row, so sum(tau) = rows - sum(loss).
-            sums[4] += student_rows.shape[0]
-            sums[5] += student_rows.shape[0] - kendall_loss(
-                student_rows, teacher_rows, TAU_METRIC_K, hard_teacher=True, reduction="sum"
-            ).double()
-    all_reduce_sum(sums, runtime)
-    n = max(1.0, sums[0].item())
-    return {
-        "val_ce": sums[1].item() / n,
-        "val_top1": 100.0 * sums[2].item() / n,
-        "val_top5": 100.0 * sums[3].item() / n,
-        "val_tau": sums[5].item() / max(1.0, sums[4].item()) if teacher is not None else math.nan,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,32 +163,22 @@ def _set_up(cfg: Config, phase: Phase, data: DataBundle, teacher: Optional[nn.Mo
             f"--batch-size {cfg.batch_size} exceeds the {len(sampler)} training images per process"
         )
     optimizer = torch.optim.SGD(model.parameters(), lr=phase.lr, momentum=cfg.momentum,
-                                nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+                                nesterov=cfg.nesterov and cfg.momentum > 0,
+                                weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(warmup_steps, steps_per_epoch * phase.epochs))
+        optimizer, lr_factor(cfg, phase.epochs, steps_per_epoch))
 
     train_model: nn.Module = model
     if runtime.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    use_bf16 = cfg.bf16 and device.type == "cuda"
-
-    def autocast_ctx():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    workers = cfg.workers if cfg.workers is not None else (0 if cfg.data == "shapes1000" else 4)
-    loader_options = dict(num_workers=workers, pin_memory=device.type == "cuda",
-                          persistent_workers=False)
-    val_loader = DataLoader(data.val, batch_size=cfg.batch_size * 2,
-                            sampler=Shard(len(data.val), runtime.rank, runtime.world_size),
-                            generator=torch.Generator().manual_seed(cfg.seed), **loader_options)
+    options = loader_options(cfg, device)
     tau_stride = max(1, len(data.val) // cfg.tau_images) if cfg.tau_images > 0 else 1
     log = print if runtime.is_main else (lambda *a, **k: None)
     return PhaseRun(cfg, phase, data, teacher, runtime, model, train_model, optimizer, scheduler,
-                    sampler, val_loader, loader_options, steps_per_epoch, tau_stride, autocast_ctx,
-                    os.path.join(cfg.out, phase.name), log)
+                    sampler, validation_loader(cfg, data, runtime), options, steps_per_epoch,
+                    tau_stride, autocaster(cfg, device), os.path.join(cfg.out, phase.name), log)
 
 
 def _save(run: PhaseRun, progress: Progress, complete: bool) -> None:

@@ -1,6 +1,8 @@
-"""Teacher and student networks: torchvision's for 224 px, small CIFAR-style ResNets for 32 px.
+"""Teacher and student networks: torchvision's and MobileNet V1 for 224 px, small CIFAR-style
+ResNets for 32 px.
 
-Nothing here downloads weights: torchvision models are built with ``weights=None``.
+Nothing here downloads weights: torchvision models are built with ``weights=None`` (a pretrained
+teacher is loaded by ``train.teacher``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,43 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class MobileNetV1(nn.Module):
+    """MobileNet V1 (Howard et al., 2017) at width 1.0 for 224 px: a 3x3 convolution, then 13
+    depthwise-separable blocks (3x3 depthwise + 1x1 pointwise, each with BatchNorm and ReLU),
+    global average pooling and a linear classifier (4.2 M parameters with 1000 classes).
+    torchvision has no MobileNet V1; this is the student of the ImageNet ResNet-50 -> MobileNet V1
+    distillation benchmark."""
+
+    # (output channels, stride) of each depthwise-separable block
+    BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [
+        (1024, 2), (1024, 1)]
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+
+        def conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int,
+                    groups: int = 1) -> List[nn.Module]:
+            return [nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2,
+                              groups=groups, bias=False),
+                    nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+
+        layers = conv_bn(3, 32, 3, 2)
+        in_channels = 32
+        for out_channels, stride in self.BLOCKS:
+            layers += conv_bn(in_channels, in_channels, 3, stride, groups=in_channels)
+            layers += conv_bn(in_channels, out_channels, 1, 1)
+            in_channels = out_channels
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
 def _cifar(depth: int, width: int = 1) -> Callable[[int], nn.Module]:
     return lambda num_classes: CifarResNet(depth, num_classes, width)
 
@@ -96,6 +135,7 @@ ARCHITECTURES: Dict[str, Callable[[int], nn.Module]] = {
     "resnet34": _torchvision("resnet34"),
     "resnet50": _torchvision("resnet50"),
     "mobilenet_v2": _torchvision("mobilenet_v2"),
+    "mobilenet_v1": MobileNetV1,
 }
 
 # The input size each family is designed for (a run at another size works, but warns).

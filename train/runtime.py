@@ -10,7 +10,8 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, Iterator, List
 
 import numpy as np
 import torch
@@ -161,3 +162,19 @@ def shutdown_runtime(runtime: Runtime) -> None:
         gc.collect()
         dist.destroy_process_group()
         gc.collect()
+
+
+def autocaster(cfg: Config, device: torch.device) -> Callable[[], Any]:
+    """A context factory: bf16 autocast on CUDA when --bf16, else nothing."""
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+
+    def autocast_ctx():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    return autocast_ctx
+
+
+def loader_options(cfg: Config, device: torch.device) -> Dict[str, Any]:
+    """DataLoader settings: --workers (default 0 for the in-memory shapes1000, else 4)."""
+    workers = cfg.workers if cfg.workers is not None else (0 if cfg.data == "shapes1000" else 4)
+    return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
