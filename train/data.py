@@ -306,73 +306,77 @@ def build_data(
         augment: random augmentation on the training split.
     """
     if name == "shapes1000":
-        train = Shapes1000("train", shapes_train_per_class, image_size, seed)
-        val = Shapes1000("val", shapes_val_per_class, image_size, seed)
-        normalise = Normalise(SHAPES_MEAN, SHAPES_STD)
-        val_tf = _compose(to_unit_float, normalise)
-        # No flips: they would turn diagonal into anti-diagonal stripes, i.e. change the class.
-        shift = RandomShift(max(1, image_size // 8))
-        train_tf = _compose(to_unit_float, shift, normalise) if augment else val_tf
-        return DataBundle(
-            SeededTransform(train, train_tf, seed), Mapped(val, val_tf),
-            SHAPES1000_CLASSES, image_size,
-        )
-
+        return _shapes1000(image_size, seed, shapes_train_per_class, shapes_val_per_class, augment)
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     if data_dir is None:
         raise DataError(f"--data {name} needs --data-dir DIR")
     if not os.path.isdir(data_dir):
         raise DataError(f"--data-dir {data_dir!r} does not exist or is not a directory")
+    build = _imagenet if name == "imagenet" else _cifar100
+    return build(data_dir, image_size, seed, augment)
 
+
+def _shapes1000(image_size: int, seed: int, train_per_class: int, val_per_class: int,
+                augment: bool) -> DataBundle:
+    train = Shapes1000("train", train_per_class, image_size, seed)
+    val = Shapes1000("val", val_per_class, image_size, seed)
+    normalise = Normalise(SHAPES_MEAN, SHAPES_STD)
+    val_tf = _compose(to_unit_float, normalise)
+    # No flips: they would turn diagonal into anti-diagonal stripes, i.e. change the class.
+    shift = RandomShift(max(1, image_size // 8))
+    train_tf = _compose(to_unit_float, shift, normalise) if augment else val_tf
+    return DataBundle(
+        SeededTransform(train, train_tf, seed), Mapped(val, val_tf), SHAPES1000_CLASSES, image_size,
+    )
+
+
+def _imagenet(data_dir: str, image_size: int, seed: int, augment: bool) -> DataBundle:
     from torchvision import datasets
     from torchvision import transforms as T
 
-    if name == "imagenet":
-        train_dir = _check_image_folder(data_dir, "train")
-        val_dir = _check_image_folder(data_dir, "val")
-        try:
-            train = datasets.ImageFolder(train_dir)
-            val = datasets.ImageFolder(val_dir)
-        except (FileNotFoundError, RuntimeError) as err:  # e.g. a class folder with no images
-            raise DataError(f"malformed ImageFolder data under {data_dir!r}: {err}") from err
-        if train.classes != val.classes:
-            raise DataError(
-                f"train/ has {len(train.classes)} classes and val/ has {len(val.classes)}; "
-                "they must hold the same class folders"
-            )
-        normalise = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        train_tf = T.Compose([
-            T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalise,
-        ]) if augment else T.Compose([
-            T.Resize(int(math.ceil(image_size / 0.875))), T.CenterCrop(image_size), T.ToTensor(),
-            normalise,
-        ])
-        val_tf = T.Compose([
-            T.Resize(int(math.ceil(image_size / 0.875))), T.CenterCrop(image_size), T.ToTensor(),
-            normalise,
-        ])
-        return DataBundle(
-            SeededTransform(train, train_tf, seed), Mapped(val, val_tf), len(train.classes),
-            image_size,
+    train_dir = _check_image_folder(data_dir, "train")
+    val_dir = _check_image_folder(data_dir, "val")
+    try:
+        train = datasets.ImageFolder(train_dir)
+        val = datasets.ImageFolder(val_dir)
+    except (FileNotFoundError, RuntimeError) as err:  # e.g. a class folder with no images
+        raise DataError(f"malformed ImageFolder data under {data_dir!r}: {err}") from err
+    if train.classes != val.classes:
+        raise DataError(
+            f"train/ has {len(train.classes)} classes and val/ has {len(val.classes)}; "
+            "they must hold the same class folders"
         )
+    normalise = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    val_tf = T.Compose([
+        T.Resize(int(math.ceil(image_size / 0.875))), T.CenterCrop(image_size), T.ToTensor(),
+        normalise,
+    ])
+    train_tf = T.Compose([
+        T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalise,
+    ]) if augment else val_tf
+    return DataBundle(
+        SeededTransform(train, train_tf, seed), Mapped(val, val_tf), len(train.classes), image_size,
+    )
 
-    if name == "cifar100":
-        try:
-            train = datasets.CIFAR100(data_dir, train=True, download=False)
-            val = datasets.CIFAR100(data_dir, train=False, download=False)
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
-            raise DataError(
-                f"CIFAR-100 not found or corrupted under {data_dir!r} (expected the extracted "
-                f"'cifar-100-python/' folder; nothing is downloaded): {err}"
-            ) from err
-        normalise = T.Normalize(CIFAR100_MEAN, CIFAR100_STD)
-        resize = [T.Resize(image_size)] if image_size != 32 else []
-        train_tf = T.Compose(
-            resize + [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip(),
-                      T.ToTensor(), normalise]
-        ) if augment else T.Compose(resize + [T.ToTensor(), normalise])
-        val_tf = T.Compose(resize + [T.ToTensor(), normalise])
-        return DataBundle(
-            SeededTransform(train, train_tf, seed), Mapped(val, val_tf), 100, image_size
-        )
 
-    raise DataError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+def _cifar100(data_dir: str, image_size: int, seed: int, augment: bool) -> DataBundle:
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    try:
+        train = datasets.CIFAR100(data_dir, train=True, download=False)
+        val = datasets.CIFAR100(data_dir, train=False, download=False)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise DataError(
+            f"CIFAR-100 not found or corrupted under {data_dir!r} (expected the extracted "
+            f"'cifar-100-python/' folder; nothing is downloaded): {err}"
+        ) from err
+    normalise = T.Normalize(CIFAR100_MEAN, CIFAR100_STD)
+    resize = [T.Resize(image_size)] if image_size != 32 else []
+    train_tf = T.Compose(
+        resize + [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip(),
+                  T.ToTensor(), normalise]
+    ) if augment else T.Compose(resize + [T.ToTensor(), normalise])
+    val_tf = T.Compose(resize + [T.ToTensor(), normalise])
+    return DataBundle(SeededTransform(train, train_tf, seed), Mapped(val, val_tf), 100, image_size)
