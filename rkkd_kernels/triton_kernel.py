@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 
 from . import ops
-from .reference import accumulation_dtype
+from .dtypes import accumulation_dtype
 
 if not hasattr(torch.library, "triton_op"):  # backends reads an ImportError as "Triton absent"
     raise ImportError(
