@@ -1,4 +1,4 @@
-"""The fused op ``rkkd::kendall`` and the autograd that every fast backend shares.
+"""The fused op ``rkkd::kendall`` and the autograd and vmap rules that every fast backend shares.
 
 Contract of the op (every backend implements exactly this, on a 2-D contiguous block):
 
@@ -17,9 +17,15 @@ The forward writes the gradients, so the backward is one multiplication by ``gra
 is written twice and nothing of size C x C is ever stored (FlashAttention would recompute instead;
 here the gradients are only O(rows * C), so storing them is the cheaper choice).
 
+That backward only multiplies, so it has no derivative of its own: a second derivative is refused
+(only when one is actually taken; a first backward with ``create_graph=True`` works, as
+``torch.func.grad`` needs). Rows are independent, so the batching rule of ``torch.func.vmap`` turns
+a vmapped dimension into more rows: one call, no per-example loop. The contract of the public loss,
+which these rules serve: docs/contract.md.
+
 The schema is defined here, in Python, so that it exists whichever compiled parts are present; the
 C++ extensions only register implementations for the CPU and CUDA dispatch keys, and the Triton
-kernel registers its own op (``rkkd::kendall_triton``) with the same signature and the same autograd.
+kernel registers its own op (``rkkd::kendall_triton``) with the same signature, autograd and vmap.
 """
 
 from __future__ import annotations
@@ -122,20 +128,21 @@ def _batching_rule(op: Callable) -> Callable:
         def unflatten(grad: torch.Tensor, needed: bool):  # an empty (0,) gradient stays unbatched
             return (grad.reshape(batch, rows, c), 0) if needed else (grad, None)
 
-        (grad_s, dim_s), (grad_t, dim_t) = unflatten(grad_s, need_grad_student), unflatten(grad_t, need_grad_teacher)
+        (grad_s, dim_s) = unflatten(grad_s, need_grad_student)
+        (grad_t, dim_t) = unflatten(grad_t, need_grad_teacher)
         return (loss.reshape(batch, rows), grad_s, grad_t), (0, dim_s, dim_t)
 
     return rule
 
 
 class _Kendall(torch.autograd.Function):
-    """The shared autograd again, as the ``torch.autograd.Function`` that ``torch.func`` can transform.
+    """The op's autograd as a ``torch.autograd.Function`` that ``torch.func`` can transform.
 
-    ``torch.library.register_autograd`` gives an op an autograd.Function without a
-    ``setup_context`` staticmethod, which ``torch.func.grad``/``vjp`` refuse (a known limitation of
-    torch). ``kendall_loss`` therefore calls the op through this class: the same ``_setup_context``
-    and ``_backward``; under vmap the generated rule runs the forward on batched tensors, where the
-    op's own batching rule takes over.
+    ``torch.library.register_autograd`` builds an autograd.Function without a ``setup_context``
+    staticmethod, which ``torch.func.grad`` and ``vjp`` refuse (a limitation of torch itself). Under
+    torch.func transforms ``call_fused`` therefore applies this class, which runs the same
+    ``_setup_context`` and ``_backward``; under vmap the generated rule runs ``forward`` on batched
+    tensors, where the op's batching rule takes over.
     """
 
     generate_vmap_rule = True
@@ -153,27 +160,32 @@ class _Kendall(torch.autograd.Function):
         return (*_backward(ctx, grad_loss, grad_of_grad_s, grad_of_grad_t), None)
 
 
-def register_autograd(op_name: str) -> None:
+def register_autograd_and_vmap(op_name: str) -> None:
     """Give ``op_name`` (an op with SCHEMA) the shared backward (saved gradients times grad_output)
     and the shared batching rule."""
     torch.library.register_autograd(op_name, _backward, setup_context=_setup_context)
     namespace, name = op_name.split("::")
-    torch.library.register_vmap(op_name, _batching_rule(getattr(getattr(torch.ops, namespace), name).default))
+    op = getattr(getattr(torch.ops, namespace), name).default
+    torch.library.register_vmap(op_name, _batching_rule(op))
 
 
 torch.library.register_fake("rkkd::kendall", kendall_fake, lib=_lib)
-register_autograd("rkkd::kendall")
+register_autograd_and_vmap("rkkd::kendall")
 
 
 def needs_grad(x: torch.Tensor) -> bool:
     """Whether a gradient with respect to ``x`` may be asked for (by autograd or torch.func.grad)."""
     if not torch.is_grad_enabled():
         return False
-    if not torch.compiler.is_compiling():
-        # A tensor that vmap batched reports requires_grad=False even where the tensor it wraps
-        # is tracked (by autograd outside the vmap, or by an enclosing torch.func.grad).
-        while torch._C._functorch.is_batchedtensor(x):
-            x = torch._C._functorch.get_unwrapped(x)
+    if x.requires_grad:
+        return True
+    # A tensor that vmap batched reports requires_grad=False even where the tensor it wraps is
+    # tracked (by autograd outside the vmap, or by an enclosing torch.func.grad): look through it.
+    # torch.compile cannot trace that look, so a compiled transform asks for the gradient anyway.
+    if torch.compiler.is_compiling():
+        return torch._C._are_functorch_transforms_active()
+    while torch._C._functorch.is_batchedtensor(x):
+        x = torch._C._functorch.get_unwrapped(x)
     return x.requires_grad
 
 
@@ -181,14 +193,18 @@ def call_fused(
     op, student: torch.Tensor, teacher: torch.Tensor, k: float, hard_teacher: bool
 ) -> torch.Tensor:
     """Run a fused op on ``(rows, C)`` inputs and return the per-row loss (autograd attached)."""
-    loss, _, _ = _Kendall.apply(
+    args = (
         student.contiguous(),
         teacher.contiguous(),
         float(k),
         bool(hard_teacher),
         needs_grad(student),
         needs_grad(teacher),
-        op,
     )
+    if torch._C._are_functorch_transforms_active():
+        loss, _, _ = _Kendall.apply(*args, op)
+    else:
+        # The op's own autograd: the same functions, without the ~0.1 ms that each apply of a
+        # Function with setup_context spends binding its arguments (inspect.signature).
+        loss, _, _ = op(*args)
     return loss
-

@@ -54,7 +54,9 @@ def assert_equal(got, want):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
-@pytest.mark.parametrize("hard,top_k", [(False, None), (True, None), (False, 4)], ids=["soft", "hard", "top4"])
+@pytest.mark.parametrize(
+    "hard,top_k", [(False, None), (True, None), (False, 4)], ids=["soft", "hard", "top4"]
+)
 def test_grad_matches_autograd(backend_device, hard, top_k):
     backend, device = backend_device
     s, t = inputs(device)
@@ -85,7 +87,9 @@ def test_vjp_matches_autograd(backend_device):
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize(
-    "in_dims", [(0, 0), (0, None), (None, 0), (1, None), (2, 0)], ids=["both", "student", "teacher", "dim1", "dim2"]
+    "in_dims",
+    [(0, 0), (0, None), (None, 0), (1, None), (2, 0)],
+    ids=["both", "student", "teacher", "dim1", "dim2"],
 )
 def test_vmap_is_more_rows(backend_device, in_dims):
     """vmap over a dimension of either input, or both, equals the loss of each example alone."""
@@ -152,7 +156,9 @@ def test_grad_of_vmap_and_autograd_through_vmap(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
-@pytest.mark.parametrize("need", [(True, True), (True, False), (False, False)], ids=["both", "student", "none"])
+@pytest.mark.parametrize(
+    "need", [(True, True), (True, False), (False, False)], ids=["both", "student", "none"]
+)
 def test_vmap_of_the_op(backend_device, need):
     """The batching rule on the op itself: gradients not asked for stay the op's empty (0,) tensors."""
     backend, device = backend_device
@@ -202,3 +208,29 @@ def test_second_derivative_is_refused(backend_device):
         torch.autograd.grad(first.pow(2).sum(), s)
     with pytest.raises(RuntimeError, match="double backward"):
         grad(lambda s: grad(loss)(s, t).pow(2).sum())(s.detach())
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_compiled_grad_and_vmap(backend_device):
+    """torch.compile(fullgraph=True) of grad, of vmap, and of a vmap that autograd differentiates,
+    gives what eager mode gives. (Not vmap of grad: torch's compiler cannot vmap an
+    autograd.Function inside a compiled grad.) A compiled transform asks the kernel for both
+    gradients (ops.needs_grad cannot look through vmap while tracing), which may move the last bit
+    of float64 results: a tolerance of 1e-14 on gradients of order 0.1."""
+    backend, device = backend_device
+    s = make_logits((2, 3, 7), seed=12, device=device)
+    t = make_logits((3, 7), seed=13, device=device)
+
+    def loss(s, t):
+        return kendall_loss(s, t, K, backend=backend)
+
+    batched = vmap(loss, in_dims=(0, None))
+    for transform, args in ((grad(loss), (s[0], t)), (batched, (s, t))):
+        torch._dynamo.reset()
+        compiled = torch.compile(transform, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(*args), transform(*args), atol=1e-14, rtol=0)
+    # Autograd through the compiled vmap.
+    leaf = s.clone().requires_grad_(True)
+    compiled(leaf, t).sum().backward()
+    want = autograd_grads(lambda s, t: batched(s, t).sum(), s, t, wrt=(0,))[0]
+    torch.testing.assert_close(leaf.grad, want, atol=1e-14, rtol=0)
