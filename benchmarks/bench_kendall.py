@@ -40,7 +40,7 @@ from .measure import DTYPES, MODES, REFERENCE_PROVIDERS, Spec, cxc_bytes, pairs_
 from .worker import MEMORY_WORKER_ENV, REPO_ROOT, Worker
 
 DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "results")
-HEADLINE = (256, 1000)  # B, C of the figure that issue 2 and issue 5 quote
+HEADLINE = (256, 1000)  # B, C of the headline figure (an ImageNet-sized batch)
 
 # The reference's memory, in B x n x n matrices, is measured on this shape before any cell that could
 # come near the cap; cells of at least CALIBRATION_MIN_BYTES per matrix refine it as the run goes.
@@ -76,7 +76,7 @@ def grid(batches: Sequence[int], classes: Sequence[int], top_ks: Sequence[int], 
 
 
 PRESETS: Dict[str, Preset] = {
-    # The issue's grid: B in {32, 256, 1024}, C in {10, 100, 1000, 4096}, and C=32000 with top_k.
+    # The full grid: B in {32, 256, 1024}, C in {10, 100, 1000, 4096}, and C=32000 with top_k.
     "full": Preset("full", grid((32, 256, 1024), (10, 100, 1000, 4096), (256, 1024), 32000),
                    MODES, 0.25, 3, True),
     # CI smoke: small cells only, every provider and mode, a top_k cell.

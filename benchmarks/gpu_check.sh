@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One GPU window verifies everything (issue 3, item 6): on a machine with a CUDA GPU,
+# One GPU window verifies everything: on a machine with a CUDA GPU,
 #   1. build the package (CPU and CUDA extensions),
 #   2. run the whole test suite on CUDA tensors (conftest picks CUDA when a GPU is present),
 #   3. report the Triton autotuner's choices,
 #   4. run the GPU benchmark: the headline cell (B=256, C=1000) first, with the verdict on the CUDA
-#      extension's time against Triton's (issue 4),
+#      extension's time against Triton's,
 #   5. run both GPU backends under compute-sanitizer (memcheck, racecheck), then the GPU grid,
 # writing logs, CSV and summary.txt into the folder given as the first argument, in about 10 min.
 #
@@ -12,14 +12,13 @@
 #
 # Environment: PYTHON (default: python3), MAX_JOBS (default: the number of CPUs),
 # GPU_CHECK_BUDGET_S (default 570: the whole run), GPU_CHECK_DRY_RUN=1 (print the steps only),
-# GPU_CHECK_STEPS="NAME ..." (run only these steps, e.g. a second call on the same, still warm
-# machine: "sanitizer_memcheck sanitizer_racecheck bench_gpu"; the build is kept there).
+# GPU_CHECK_STEPS="NAME ..." (run only these steps, e.g. a second run on the same machine:
+# "sanitizer_memcheck sanitizer_racecheck bench_gpu"; the build is kept there).
 # Every step runs under a timeout cut to what is left of the budget, and a failing step does not
 # stop the next ones; summary.txt lists each step's exit status and seconds (124: timed out).
 #
-# On the device tool, whose $OUT takes back at most 8 files, run it in a scratch folder and bring
-# back one archive:
-#   bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/summary.txt "$OUT"/; tar czf "$OUT"/gc.tgz -C /tmp gc
+# To carry the results off the machine as one archive, run it in a scratch folder:
+#   bash benchmarks/gpu_check.sh /tmp/gc; tar czf gc.tgz -C /tmp gc
 #
 # To add a step (e.g. the CUDA extension's own runs), call `step NAME CAP_S COMMAND...` below:
 # its output goes to OUT_DIR/NAME.log.
@@ -125,7 +124,7 @@ PYEOF
 step bench_headline 150 "$PY" -m benchmarks.bench_kendall --device cuda --headline \
     --out "$OUT_DIR/bench_headline"
 
-# Issue 4's target: the CUDA extension within 1.5x of the Triton kernel at the headline cell.
+# The target: the CUDA extension within 1.5x of the Triton kernel at the headline cell.
 step cuda_vs_triton 15 "$PY" - "$OUT_DIR/bench_headline/headline.csv" <<'PYEOF'
 import csv, sys
 ms = {r["backend"]: float(r["median_ms"]) for r in csv.DictReader(open(sys.argv[1])) if r.get("median_ms")}

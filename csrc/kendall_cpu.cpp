@@ -239,7 +239,7 @@ struct RowPlan {
 template <typename scalar_t, typename acc_t>
 RowPlan plan_row(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard) {
   RowPlan plan{row_range(s, c), row_range(t, c), Path::kDirect};
-  if (!plan.rs.finite || !plan.rt.finite) {  // SPEC: a non-finite logit makes its row NaN, never 0
+  if (!plan.rs.finite || !plan.rt.finite) {  // docs/contract.md: a non-finite logit makes its row NaN
     plan.path = Path::kNonFinite;
     return plan;
   }

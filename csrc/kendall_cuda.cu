@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kPlanThreads)
   }
   RowPlan plan{0.5 * (double(hi_s) + double(lo_s)), 0.5 * (double(hi_t) + double(lo_t)),
                kNonFinite, 0};
-  if (finite) {  // SPEC: a non-finite logit makes its row NaN, never 0
+  if (finite) {  // docs/contract.md: a non-finite logit makes its row NaN
     const double spread_s = double(hi_s) - double(lo_s);
     const double spread_t = hard ? 0.0 : double(hi_t) - double(lo_t);
     const double spread = k * (spread_s > spread_t ? spread_s : spread_t);

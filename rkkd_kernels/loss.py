@@ -1,4 +1,4 @@
-"""The public loss: validation (SPEC.md's errors), the ``(..., C) -> rows`` view, top_k, reduction.
+"""The public loss: validation (docs/contract.md's errors), the ``(..., C) -> rows`` view, top_k, reduction.
 
 Everything that is not pair math lives here, once, so that every backend only implements full rows
 of a 2-D contiguous block.
@@ -77,8 +77,8 @@ def _teacher_top_k(student: torch.Tensor, teacher: torch.Tensor, top_k: int):
     """Keep, per row, the ``top_k`` channels with the largest teacher logits (torch.topk's ties).
 
     Autograd scatters the gradient of the gathered channels back; the others get zero. A non-finite
-    logit outside the kept channels must still make its row NaN (SPEC.md), so such rows are poisoned
-    with a detached NaN before the op; no host-device synchronisation is involved.
+    logit outside the kept channels must still make its row NaN (docs/contract.md), so such rows are
+    poisoned with a detached NaN before the op; no host-device synchronisation is involved.
     """
     index = teacher.detach().topk(top_k, dim=-1).indices
     poison = _nan_where_non_finite(student) + _nan_where_non_finite(teacher)

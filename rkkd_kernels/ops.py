@@ -1,4 +1,4 @@
-"""The fused op ``rkkd::kendall`` and the autograd that every fast backend shares.
+"""The fused op ``rkkd::kendall`` and the autograd and vmap rules that every fast backend shares.
 
 Contract of the op (every backend implements exactly this, on a 2-D contiguous block):
 
@@ -17,18 +17,24 @@ The forward writes the gradients, so the backward is one multiplication by ``gra
 is written twice and nothing of size C x C is ever stored (FlashAttention would recompute instead;
 here the gradients are only O(rows * C), so storing them is the cheaper choice).
 
+That backward only multiplies, so it has no derivative of its own: a second derivative is refused
+(only when one is actually taken; a first backward with ``create_graph=True`` works, as
+``torch.func.grad`` needs). Rows are independent, so the batching rule of ``torch.func.vmap`` turns
+a vmapped dimension into more rows: one call, no per-example loop. The contract of the public loss,
+which these rules serve: docs/contract.md.
+
 The schema is defined here, in Python, so that it exists whichever compiled parts are present; the
 C++ extensions only register implementations for the CPU and CUDA dispatch keys, and the Triton
-kernel registers its own op (``rkkd::kendall_triton``) with the same signature and the same autograd.
+kernel registers its own op (``rkkd::kendall_triton``) with the same signature, autograd and vmap.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
-from .reference import accumulation_dtype
+from .dtypes import accumulation_dtype
 
 SCHEMA = (
     "(Tensor student, Tensor teacher, float k, bool hard_teacher, bool need_grad_student, "
@@ -61,6 +67,9 @@ def _setup_context(ctx, inputs, output) -> None:
     _, grad_s, grad_t = output
     ctx.save_for_backward(grad_s, grad_t)
     ctx.input_dtypes = (student.dtype, teacher.dtype)
+    # An output that nothing downstream used gets None, not zeros: how _backward tells the first
+    # derivative (only the loss has a gradient) from a second one (a returned gradient has one).
+    ctx.set_materialize_grads(False)
 
 
 def _scale_saved(grad_loss: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype, which: str):
@@ -72,38 +81,119 @@ def _scale_saved(grad_loss: torch.Tensor, saved: torch.Tensor, dtype: torch.dtyp
     return (grad_loss.to(saved.dtype).unsqueeze(-1) * saved).to(dtype)
 
 
-def _backward(ctx, grad_loss, _grad_of_grad_s, _grad_of_grad_t):
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # create_graph=True: the saved gradients carry no graph back to the inputs, so a second
-        # derivative would come out silently wrong; refuse instead.
-        raise RuntimeError("rkkd::kendall does not support double backward (create_graph=True)")
+def _backward(ctx, grad_loss, grad_of_grad_s, grad_of_grad_t):
+    second = grad_of_grad_s is not None or grad_of_grad_t is not None
+    if second and not torch.compiler.is_compiling():
+        # The saved gradients are outputs of the op, so a first backward run with create_graph=True
+        # (as torch.func.grad always runs it) links its result to them, and differentiating that
+        # result lands here. The op has no kernel for the second derivative: refuse, as
+        # torch.autograd.function.once_differentiable does, rather than return a wrong one.
+        # (torch.compile traces the backward with a gradient for every output; a compiled
+        # backward is never differentiated again, AOTAutograd refuses that itself.)
+        raise RuntimeError(
+            "rkkd::kendall does not support double backward: its backward multiplies the first "
+            "derivatives that the forward computed, and they have no derivative of their own here"
+        )
     grad_s, grad_t = ctx.saved_tensors
     ds = dt = None
-    if ctx.needs_input_grad[0]:
+    if grad_loss is not None and ctx.needs_input_grad[0]:
         ds = _scale_saved(grad_loss, grad_s, ctx.input_dtypes[0], "student")
-    if ctx.needs_input_grad[1]:
+    if grad_loss is not None and ctx.needs_input_grad[1]:
         dt = _scale_saved(grad_loss, grad_t, ctx.input_dtypes[1], "teacher")
     return ds, dt, None, None, None, None
 
 
-def register_autograd(op_name: str) -> None:
-    """Give ``op_name`` (an op with SCHEMA) the shared backward: saved gradients times grad_output."""
+def _batching_rule(op: Callable) -> Callable:
+    """The vmap rule of ``op``: rows are independent, so a vmapped dimension is more rows.
+
+    Each input's vmapped dimension moves to the front (an input vmap does not map over is expanded
+    to the batch, a view); ``(batch, rows, C)`` flattens to ``(batch * rows, C)`` and one call of
+    the op serves the whole batch. No per-example loop, so no fallback.
+    """
+
+    def rule(info, in_dims, student, teacher, k, hard_teacher, need_grad_student, need_grad_teacher):
+        def batch_first(x: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
+            return x.movedim(dim, 0) if dim is not None else x.expand(info.batch_size, *x.shape)
+
+        student, teacher = batch_first(student, in_dims[0]), batch_first(teacher, in_dims[1])
+        if student.dim() != 3:
+            raise RuntimeError(f"{op} expects (rows, C) inputs, got {tuple(student.shape[1:])} under vmap")
+        batch, rows, c = student.shape
+        loss, grad_s, grad_t = op(
+            student.reshape(batch * rows, c).contiguous(),
+            teacher.reshape(batch * rows, -1).contiguous(),
+            k, hard_teacher, need_grad_student, need_grad_teacher,
+        )
+
+        def unflatten(grad: torch.Tensor, needed: bool):  # an empty (0,) gradient stays unbatched
+            return (grad.reshape(batch, rows, c), 0) if needed else (grad, None)
+
+        (grad_s, dim_s) = unflatten(grad_s, need_grad_student)
+        (grad_t, dim_t) = unflatten(grad_t, need_grad_teacher)
+        return (loss.reshape(batch, rows), grad_s, grad_t), (0, dim_s, dim_t)
+
+    return rule
+
+
+class _Kendall(torch.autograd.Function):
+    """The op's autograd as a ``torch.autograd.Function`` that ``torch.func`` can transform.
+
+    ``torch.library.register_autograd`` builds an autograd.Function without a ``setup_context``
+    staticmethod, which ``torch.func.grad`` and ``vjp`` refuse (a limitation of torch itself). Under
+    torch.func transforms ``call_fused`` therefore applies this class, which runs the same
+    ``_setup_context`` and ``_backward``; under vmap the generated rule runs ``forward`` on batched
+    tensors, where the op's batching rule takes over.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(student, teacher, k, hard_teacher, need_grad_student, need_grad_teacher, op):
+        return op(student, teacher, k, hard_teacher, need_grad_student, need_grad_teacher)
+
+    # The op's arguments come first, in the schema's order, so that the shared functions see the
+    # same inputs and needs_input_grad as under the op's own autograd; the op itself comes last.
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_of_grad_s, grad_of_grad_t):
+        return (*_backward(ctx, grad_loss, grad_of_grad_s, grad_of_grad_t), None)
+
+
+def register_autograd_and_vmap(op_name: str) -> None:
+    """Give ``op_name`` (an op with SCHEMA) the shared backward (saved gradients times grad_output)
+    and the shared batching rule."""
     torch.library.register_autograd(op_name, _backward, setup_context=_setup_context)
+    namespace, name = op_name.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+    torch.library.register_vmap(op_name, _batching_rule(op))
 
 
 torch.library.register_fake("rkkd::kendall", kendall_fake, lib=_lib)
-register_autograd("rkkd::kendall")
+register_autograd_and_vmap("rkkd::kendall")
 
 
 def needs_grad(x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
+    """Whether a gradient with respect to ``x`` may be asked for (by autograd or torch.func.grad)."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad:
+        return True
+    # A tensor that vmap batched reports requires_grad=False even where the tensor it wraps is
+    # tracked (by autograd outside the vmap, or by an enclosing torch.func.grad): look through it.
+    # torch.compile cannot trace that look, so a compiled transform asks for the gradient anyway.
+    if torch.compiler.is_compiling():
+        return torch._C._are_functorch_transforms_active()
+    while torch._C._functorch.is_batchedtensor(x):
+        x = torch._C._functorch.get_unwrapped(x)
+    return x.requires_grad
 
 
 def call_fused(
     op, student: torch.Tensor, teacher: torch.Tensor, k: float, hard_teacher: bool
 ) -> torch.Tensor:
     """Run a fused op on ``(rows, C)`` inputs and return the per-row loss (autograd attached)."""
-    loss, _, _ = op(
+    args = (
         student.contiguous(),
         teacher.contiguous(),
         float(k),
@@ -111,5 +201,10 @@ def call_fused(
         needs_grad(student),
         needs_grad(teacher),
     )
+    if torch._C._are_functorch_transforms_active():
+        loss, _, _ = _Kendall.apply(*args, op)
+    else:
+        # The op's own autograd: the same functions, without the ~0.1 ms that each apply of a
+        # Function with setup_context spends binding its arguments (inspect.signature).
+        loss, _, _ = op(*args)
     return loss
-

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import torch
 
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype accumulates in float32 (SPEC.md)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .dtypes import accumulation_dtype
 
 
 def kendall_reference_rows(
@@ -27,7 +24,7 @@ def kendall_reference_rows(
     s = student.to(acc)
     t = teacher.to(acc)
     # Subtracting the row mean changes nothing mathematically (the loss is shift invariant), but a
-    # non-finite logit then turns its whole row, loss and gradients, into NaN as SPEC.md requires.
+    # non-finite logit then turns its whole row, loss and gradients, into NaN as docs/contract.md requires.
     s = s - s.mean(-1, keepdim=True)
     t = t - t.mean(-1, keepdim=True)
     c = s.shape[-1]

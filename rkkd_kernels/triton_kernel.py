@@ -1,7 +1,7 @@
 """The Triton backend: op ``rkkd::kendall_triton``, the loss and both gradients in one pass.
 
-Importing this module registers ``rkkd::kendall_triton`` (schema ``ops.SCHEMA``, autograd
-``ops.register_autograd``); an ImportError (no Triton) tells ``backends`` that Triton is absent.
+Importing this module registers ``rkkd::kendall_triton`` (schema ``ops.SCHEMA``, autograd and vmap
+``ops.register_autograd_and_vmap``); an ImportError (no Triton) tells ``backends`` that Triton is absent.
 
 Design
 ------
@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 
 from . import ops
-from .reference import accumulation_dtype
+from .dtypes import accumulation_dtype
 
 if not hasattr(torch.library, "triton_op"):  # backends reads an ImportError as "Triton absent"
     raise ImportError(
@@ -638,4 +638,4 @@ else:
     # tensors, is the fake implementation.
     kendall_triton = torch.library.triton_op(OP_NAME, mutates_args=(), schema=ops.SCHEMA)(_kendall_triton)
 
-ops.register_autograd(OP_NAME)
+ops.register_autograd_and_vmap(OP_NAME)

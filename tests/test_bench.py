@@ -1,4 +1,5 @@
-"""The benchmark's --quick preset runs and writes what issue 5 promises (CSV columns, rows, plots)."""
+"""The benchmark's --quick preset runs and writes what benchmarks/README.md promises (CSV columns, rows,
+plots)."""
 
 import csv
 import subprocess
@@ -32,7 +33,7 @@ def quick_run(tmp_path_factory):
 
 def test_quick_preset_is_quick(quick_run):
     _, _, _, elapsed = quick_run
-    # Issue 5: under 2 minutes on the 2-core CI machines; allow for a loaded machine.
+    # The target: under 2 minutes on the 2-core CI machines; allow for a loaded machine.
     assert elapsed < 180, f"--quick took {elapsed:.0f} s"
 
 

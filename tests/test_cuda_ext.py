@@ -18,14 +18,11 @@ import pytest
 import torch
 
 import rkkd_kernels
+from helpers import LOSS_ATOL, assert_matches, grad_atol, make_logits, truth
 from rkkd_kernels import backends, kendall_loss
 
 HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="CUDA kernel tests need a CUDA device; none here")
-
-# Tolerances of the shared suite (see test_kendall.py): loss absolute, gradients relative to 2k/C.
-LOSS_ATOL = {torch.float32: 2e-6, torch.float64: 1e-12}
-GRAD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 def why_cuda_build_not_expected():
@@ -74,9 +71,9 @@ def test_available_backends_tells_the_truth_about_cuda():
 # On a GPU.
 
 
-def logits(shape, dtype=torch.float32, scale=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+def logits(shape, dtype=torch.float32, **kw):
+    """This file's inputs default to float32, on the CPU (run() moves them)."""
+    return make_logits(shape, dtype, **kw)
 
 
 def run(student, teacher, backend, device, k=1.0, hard=False, grad_s=True, grad_t=True):
@@ -92,18 +89,6 @@ def run(student, teacher, backend, device, k=1.0, hard=False, grad_s=True, grad_
     return as_cpu(loss), as_cpu(gs), as_cpu(gt)
 
 
-def assert_close_to(got, want, dtype, k, c):
-    torch.testing.assert_close(got[0], want[0], atol=LOSS_ATOL[dtype], rtol=0, equal_nan=True)
-    grad_atol = GRAD_RTOL[dtype] * 2 * k / c
-    for g, w in zip(got[1:], want[1:]):
-        if g is not None:
-            torch.testing.assert_close(g, w, atol=grad_atol, rtol=0, equal_nan=True)
-
-
-def truth(student, teacher, k=1.0, hard=False):
-    return run(student.double(), teacher.double(), "reference", "cpu", k, hard)
-
-
 # Channel counts around the kernel's chunks (32) and tiles (256), and several tiles.
 TILING_C = [2, 3, 31, 32, 33, 63, 255, 256, 257, 511, 513, 1000, 1500]
 
@@ -116,7 +101,7 @@ def test_tiling_matches_reference(c, hard, dtype):
     rows = 3
     s, t = logits((rows, c), dtype, seed=c), logits((rows, c), dtype, seed=c + 1)
     k = 0.7
-    assert_close_to(run(s, t, "cuda", "cuda", k, hard), truth(s, t, k, hard), dtype, k, c)
+    assert_matches(run(s, t, "cuda", "cuda", k, hard), truth(s, t, k=k, hard_teacher=hard), dtype, k)
 
 
 @needs_gpu
@@ -127,9 +112,9 @@ def test_each_gradient_only_when_asked(grad_s, grad_t, hard):
     c = 300
     s, t = logits((4, c), seed=1), logits((4, c), seed=2)
     got = run(s, t, "cuda", "cuda", 1.3, hard, grad_s, grad_t)
-    want = truth(s, t, 1.3, hard)
+    want = truth(s, t, k=1.3, hard_teacher=hard)
     assert (got[1] is None) != grad_s and (got[2] is None) != grad_t
-    assert_close_to(got, want, torch.float32, 1.3, c)
+    assert_matches(got, want, torch.float32, 1.3)
 
 
 @needs_gpu
@@ -140,7 +125,7 @@ def test_rows_split_over_blocks_or_not(rows, c):
     s, t = logits((rows, c), seed=rows), logits((rows, c), seed=rows + 1)
     got = run(s, t, "cuda", "cuda")
     want = truth(s, t)
-    assert_close_to(got, want, torch.float32, 1.0, c)
+    assert_matches(got, want, torch.float32)
 
 
 # Significant bits of each input dtype: results in a half type are float32 results rounded to it.
@@ -164,15 +149,15 @@ def test_every_path_in_one_batch(dtype, hard):
     t[5, 0] = -math.inf  # a teacher's bad logit makes the row NaN too
     s, t = s.to(dtype), t.to(dtype)
     got = run(s, t, "cuda", "cuda", k, hard)
-    want = truth(s, t, k, hard)  # on the same (rounded) inputs
+    want = truth(s, t, k=k, hard_teacher=hard)  # on the same (rounded) inputs
     good, bad = [0, 1, 2], [3, 4, 5]
     if dtype in BITS:
         rel = 2.0 ** -BITS[dtype]
-        atols = (LOSS_ATOL[torch.float32], GRAD_RTOL[torch.float32] * 2 * k / c + 2.0**-24)
+        atols = (LOSS_ATOL[torch.float32], grad_atol(torch.float32, k, c) + 2.0**-24)
         for g, w, atol in zip(got, want, (atols[0], atols[1], atols[1])):
             torch.testing.assert_close(g[good], w[good], rtol=rel, atol=atol)
     else:
-        assert_close_to(tuple(x[good] for x in got), tuple(x[good] for x in want), dtype, k, c)
+        assert_matches(tuple(x[good] for x in got), tuple(x[good] for x in want), dtype, k)
     assert torch.isnan(got[0][bad]).all() and torch.isnan(got[1][bad]).all()
     if hard:  # the hard teacher's gradient is identically zero, NaN rows included
         assert torch.equal(got[2][bad], torch.zeros_like(got[2][bad]))
@@ -190,7 +175,7 @@ def test_half_types_agree_with_cpu_kernel(dtype):
     got = run(s, t, "cuda", "cuda")
     want = run(s, t, "cpu", "cpu")
     one_ulp = 2.0 ** (1 - BITS[dtype])
-    atols = (LOSS_ATOL[torch.float32], GRAD_RTOL[torch.float32] * 2 / c + 2.0**-24)
+    atols = (LOSS_ATOL[torch.float32], grad_atol(torch.float32, 1.0, c) + 2.0**-24)
     for g, w, atol in zip(got, want, (atols[0], atols[1], atols[1])):
         torch.testing.assert_close(g, w, rtol=one_ulp, atol=atol)
 
@@ -243,4 +228,4 @@ def test_runs_on_the_current_stream_and_device_of_the_inputs():
         assert torch.equal(a, b)
     if torch.cuda.device_count() > 1:  # the kernel runs on the inputs' device, not the current one
         got = run(s, t, "cuda", "cuda:1")
-        assert_close_to(got, truth(s, t), torch.float32, 1.0, 300)
+        assert_matches(got, truth(s, t), torch.float32)

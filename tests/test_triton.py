@@ -9,11 +9,7 @@ under the Triton interpreter (CPU tensors) otherwise, and held to the float64 re
 - NaN / inf rows, the hard teacher, the need_grad flags, bitwise determinism, k's float64 bits,
   gradcheck and opcheck.
 
-Tolerances, the ones of test_kendall.py and for the same reasons: float64 computes in float64, so
-1e-12 on the loss and 1e-10 of a gradient entry's scale 2k/C (an entry is 4k/P times a sum of C - 1
-terms of at most 1/4). float32 computes each pair's tanh to a few float32 ulps absolute (each
-exp(2k (x - centre)) is rounded to a relative 6e-8, and on a GPU exp2 and rcp.approx add 1-2 ulps):
-the loss, a mean of P such terms, within 2e-6; a gradient entry within 1e-5 of 2k/C.
+Tolerances, input maker and truth: tests/helpers.py, shared with the other kernel tests.
 
 Interpreter shapes stay small (a tile costs ~10 ms there): the whole file takes about a minute.
 """
@@ -26,8 +22,9 @@ import pytest
 import torch
 
 from conftest import interpreted
+from helpers import assert_matches, make_logits, truth
 from rkkd_kernels import backends, kendall_loss, ops
-from rkkd_kernels.reference import kendall_reference_rows
+from rkkd_kernels.dtypes import accumulation_dtype
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _WHY_NOT = backends.why_unavailable("triton", torch.device(DEVICE))
@@ -36,41 +33,24 @@ pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=f"triton backend: {
 if _WHY_NOT is None:
     from rkkd_kernels import triton_kernel as tk
 
-LOSS_ATOL = {torch.float32: 2e-6, torch.float64: 1e-12}
-GRAD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
-
-def logits(shape, dtype=torch.float64, scale=3.0, seed=0, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    x = scale * torch.randn(shape, generator=g, dtype=torch.float64) + shift
-    return x.to(dtype).to(DEVICE)
+def logits(shape, dtype=torch.float64, **kw):
+    """This file's inputs live on DEVICE."""
+    return make_logits(shape, dtype, device=DEVICE, **kw)
 
 
 def run_op(s, t, k=1.0, hard=False, need_s=True, need_t=True):
     return torch.ops.rkkd.kendall_triton(s, t, float(k), hard, need_s, need_t)
 
 
-def reference(s, t, k=1.0, hard=False):
-    """Float64 per-row loss and d loss_row / d input (a row's loss depends on its row alone)."""
-    s64 = s.detach().cpu().double().requires_grad_(True)
-    t64 = t.detach().cpu().double().requires_grad_(True)
-    loss = kendall_reference_rows(s64, t64, k, hard)
-    gs, gt = torch.autograd.grad(loss.sum(), (s64, t64))
-    return loss.detach(), gs, gt
-
-
 def assert_close_to_reference(out, s, t, k=1.0, hard=False):
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    loss, gs, gt = out
-    assert loss.dtype == acc and gs.dtype == acc and gt.dtype == acc
-    want_loss, want_gs, want_gt = reference(s, t, k, hard)
-    torch.testing.assert_close(loss.cpu().double(), want_loss, atol=LOSS_ATOL[acc], rtol=0)
-    grad_atol = GRAD_RTOL[acc] * 2 * k / s.shape[-1]
-    torch.testing.assert_close(gs.cpu().double(), want_gs, atol=grad_atol, rtol=0)
+    """The op's outputs, in the accumulation dtype, against the float64 truth; a hard teacher's
+    gradient is exactly zero."""
+    acc = accumulation_dtype(s.dtype)
+    assert all(x.dtype == acc for x in out)
+    assert_matches(out, truth(s, t, k=k, hard_teacher=hard), acc, k)
     if hard:
-        assert (gt == 0).all()
-    else:
-        torch.testing.assert_close(gt.cpu().double(), want_gt, atol=grad_atol, rtol=0)
+        assert (out[2] == 0).all()
 
 
 @pytest.fixture
@@ -284,8 +264,8 @@ def test_k_keeps_its_float64_bits():
     k = 0.3
     assert_close_to_reference(run_op(s, t, k), s, t, k)
     # float32(0.3) differs from 0.3 by 1e-8 relative, which moves the loss by far more than 1e-12.
-    coarse = reference(s, t, float(torch.tensor(k, dtype=torch.float32)))[0]
-    assert (coarse - reference(s, t, k)[0]).abs().max() > 1e-11
+    coarse = truth(s, t, k=float(torch.tensor(k, dtype=torch.float32)))[0]
+    assert (coarse - truth(s, t, k=k)[0]).abs().max() > 1e-11
 
 
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
