@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from . import _ext, ops
+from . import _ext, expsum, ops  # noqa: F401  (expsum defines rkkd::kendall_expsum before _cpu loads)
 from .reference import kendall_reference_rows
 
 RowsLoss = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
@@ -96,6 +96,11 @@ DISPATCH: Dict[str, RowsLoss] = {
     "cpu": _fused("kendall"),
     "cuda": _fused("kendall"),
     "triton": _fused("kendall_triton"),
+}
+
+# The exponential-sum method of the hard-teacher loss (expsum.py), on the backends that have it.
+EXPSUM_DISPATCH: Dict[str, RowsLoss] = {
+    "cpu": _fused("kendall_expsum"),
 }
 
 
