@@ -160,8 +160,9 @@ struct VecExp<double> {
 };
 
 // ------------------------------------------------------------------------------------------------
-// The sort: LSD radix sort of the teacher's order keys, 8 bits a pass; stable, so equal keys keep
-// their index order (passes whose digit is the same for every key are skipped).
+// The sort: LSD radix sort of the teacher's order keys, 11 bits a pass (3 passes for float keys);
+// stable, so equal keys keep their index order (passes whose digit is the same for every key are
+// skipped).
 // ------------------------------------------------------------------------------------------------
 
 // An unsigned key whose ascending order is the descending order of the value; -0 and +0 are one
@@ -181,11 +182,13 @@ void radix_sort(std::vector<K>& keys, std::vector<int32_t>& index, std::vector<K
   keys_tmp.resize(c);
   index_tmp.resize(c);
   for (int64_t i = 0; i < c; ++i) index[i] = int32_t(i);
-  std::array<int64_t, 256> count;
-  for (int shift = 0; shift < int(8 * sizeof(K)); shift += 8) {
+  constexpr int kBits = 11;
+  constexpr K kMask = (K(1) << kBits) - 1;
+  std::array<int64_t, size_t(1) << kBits> count;
+  for (int shift = 0; shift < int(8 * sizeof(K)); shift += kBits) {
     count.fill(0);
-    for (int64_t i = 0; i < c; ++i) ++count[(keys[i] >> shift) & 0xff];
-    if (count[(keys[0] >> shift) & 0xff] == c) continue;  // one digit for every key
+    for (int64_t i = 0; i < c; ++i) ++count[(keys[i] >> shift) & kMask];
+    if (count[(keys[0] >> shift) & kMask] == c) continue;  // one digit for every key
     int64_t offset = 0;
     for (auto& n : count) {
       const int64_t here = n;
@@ -193,7 +196,7 @@ void radix_sort(std::vector<K>& keys, std::vector<int32_t>& index, std::vector<K
       offset += here;
     }
     for (int64_t i = 0; i < c; ++i) {
-      const int64_t to = count[(keys[i] >> shift) & 0xff]++;
+      const int64_t to = count[(keys[i] >> shift) & kMask]++;
       keys_tmp[to] = keys[i];
       index_tmp[to] = index[i];
     }
@@ -272,7 +275,7 @@ struct RowBuffers {
   std::vector<T> lane_scale;        // float: e^{t_m - t_block} (0 on padded lanes: y = 0, F = 0)
   std::vector<T> node_t;            // double: t_m (a large negative number on padded lanes)
   double block_span = 0;            // float: e^{(W - 1) h}, the largest lane_scale; double: (W - 1) h
-  RunningSum<T> sum_e, sum_f, sum_loss;
+  RunningSum<T> sum_f, sum_loss;
 };
 
 template <typename T>
@@ -306,13 +309,17 @@ struct NodeTerms;
 template <>
 struct NodeTerms<float> {
   using S = Simd<float>;
-  static inline bool at(const RowBuffers<float>& buf, int64_t blk, double /*b*/, double a,
-                        S::V& e, S::V& f) {
+  const double* block_scale;
+  const float* lane_scale;
+  double block_span;
+  explicit NodeTerms(const RowBuffers<float>& buf)
+      : block_scale(buf.block_scale.data()), lane_scale(buf.lane_scale.data()), block_span(buf.block_span) {}
+  inline bool at(int64_t blk, double /*b*/, double a, S::V& e, S::V& f) const {
     // The block's smallest y: from 88 on every exp(-y) is 0 (VecExp's cut), and so are all later.
-    const double z = a * buf.block_scale[blk];
+    const double z = a * block_scale[blk];
     if (z >= 88.0) return false;
-    const S::V y = float(z) * load<S::V>(buf.lane_scale.data() + blk * S::W);
-    e = z * buf.block_span < 1.0 / 32.0 ? exp_neg_small<float>(y) : VecExp<float>::exp(-y);
+    const S::V y = float(z) * load<S::V>(lane_scale + blk * S::W);
+    e = z * block_span < 1.0 / 32.0 ? exp_neg_small<float>(y) : VecExp<float>::exp(-y);
     f = y * e;
     return true;
   }
@@ -321,14 +328,16 @@ struct NodeTerms<float> {
 template <>
 struct NodeTerms<double> {
   using S = Simd<double>;
-  static inline bool at(const RowBuffers<double>& buf, int64_t blk, double b, double /*a*/,
-                        S::V& e, S::V& f) {
-    const S::V arg = load<S::V>(buf.node_t.data() + blk * S::W) + b;
+  const double* node_t;
+  double block_span;
+  explicit NodeTerms(const RowBuffers<double>& buf) : node_t(buf.node_t.data()), block_span(buf.block_span) {}
+  inline bool at(int64_t blk, double b, double /*a*/, S::V& e, S::V& f) const {
+    const S::V arg = load<S::V>(node_t + blk * S::W) + b;
     if (arg[0] >= 6.57) return false;  // y >= e^6.57 > 708 on every node from here: E = 0
     // y <= e^700 stays finite (E is then 0 and F = y * 0 = 0); below e^-708 it is 0 (E = 1, F = 0).
     const S::V y = VecExp<double>::exp(arg > 700.0 ? S::V{} + 700.0 : arg);
     // The block's largest y below e^-6.94 < 1/1024 (padded lanes lie further below):
-    e = arg[0] + buf.block_span < -6.94 ? exp_neg_small<double>(y) : VecExp<double>::exp(-y);
+    e = arg[0] + block_span < -6.94 ? exp_neg_small<double>(y) : VecExp<double>::exp(-y);
     f = y * e;
     return true;
   }
@@ -355,87 +364,90 @@ int64_t set_nodes(RowBuffers<T>& buf, const NodeRange& nodes, double step) {
   return blocks;
 }
 
+template <typename Half, typename V, size_t... L>
+inline Half fold_halves(V v, std::index_sequence<L...>) {
+  return __builtin_shufflevector(v, v, L...) + __builtin_shufflevector(v, v, (L + sizeof...(L))...);
+}
+
+// Sum of a vector's lanes by halving (log2(W) steps, in registers), in double at the end.
 template <typename V>
 inline double lane_sum(V v) {
-  double out = 0;
-  for (size_t l = 0; l < sizeof(V) / sizeof(v[0]); ++l) out += double(v[l]);
-  return out;
+  using T = std::remove_reference_t<decltype(v[0])>;
+  constexpr int kLanes = int(sizeof(V) / sizeof(T));
+  if constexpr (kLanes == 1) {
+    return double(v[0]);
+  } else {
+    return lane_sum(fold_halves<Vec<T, kLanes / 2>>(v, std::make_index_sequence<kLanes / 2>{}));
+  }
 }
 
-// Forward scan: returns sum_m sum_q F_m,q prefE_m(q); with kGrad, prefix_part[x] = sum_m F prefF.
-// A group of one element (no tie) joins the prefixes at once; a larger group's sums wait in
-// `pending` until after its last element.
-template <typename T, bool kGrad>
-double forward_scan(RowBuffers<T>& buf, int64_t blocks) {
+// One scan along the teacher's order with the running sum of F over the groups already passed:
+// - forward (kBackward false): prefix_part[x] = sum_m F_m,x prefF_m(x);
+// - backward: the loss sum, sum_m sum_x E_m,x sufF_m(x) (= sum over pairs p before q of F_q E_p),
+//   and with kGrad, grad[x] = sum_m F_m,x sufF_m(x) - prefix_part[x].
+// A group of one element (no tie) joins the running sum at once; a larger group's sum waits in
+// `pending` until its last element is done, so every member sees only the groups strictly before
+// (or after) it.
+template <typename T, bool kBackward, bool kGrad>
+double scan(RowBuffers<T>& buf, int64_t blocks) {
   using S = Simd<T>;
   using V = typename S::V;
-  RunningSum<T>& pe = buf.sum_e;
-  RunningSum<T>& pf = buf.sum_f;
+  RunningSum<T>& sum_f = buf.sum_f;
   RunningSum<T>& loss = buf.sum_loss;
-  for (auto* sum : {&pe, &pf, &loss}) sum->reset(blocks * S::W);
-  int64_t since_flush = 0, begin = 0;
-  for (const int32_t end : buf.group_end) {
-    const bool single = end - begin == 1;
-    T* to_e = single ? pe.recent.data() : pe.pending.data();
-    T* to_f = single ? pf.recent.data() : pf.pending.data();
-    for (int64_t x = begin; x < end; ++x) {
-      V dot{};
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        V e, f;
-        if (!NodeTerms<T>::at(buf, blk, buf.b[x], buf.a[x], e, f)) break;
-        const int64_t o = blk * S::W;
-        const V before_e = load<V>(pe.base.data() + o) + load<V>(pe.recent.data() + o);
-        store(loss.recent.data() + o, load<V>(loss.recent.data() + o) + f * before_e);
-        store(to_e + o, load<V>(to_e + o) + e);
-        if (kGrad) {
-          dot += f * (load<V>(pf.base.data() + o) + load<V>(pf.recent.data() + o));
-          store(to_f + o, load<V>(to_f + o) + f);
-        }
-      }
-      if (kGrad) buf.prefix_part[x] = lane_sum(dot);
-      if (++since_flush == kFlushEvery) {
-        for (auto* sum : {&pe, &pf, &loss}) sum->flush();
-        since_flush = 0;
-      }
-    }
-    if (!single) {
-      pe.close_group();
-      if (kGrad) pf.close_group();
-    }
-    begin = end;
-  }
-  return loss.sum();
-}
-
-// Backward scan: grad[x] = sum_m F sufF - prefix_part[x], the groups from the last.
-template <typename T>
-void backward_scan(RowBuffers<T>& buf, int64_t blocks) {
-  using S = Simd<T>;
-  using V = typename S::V;
-  RunningSum<T>& sf = buf.sum_f;
-  sf.reset(blocks * S::W);
+  sum_f.reset(blocks * S::W);
+  if (kBackward) loss.reset(blocks * S::W);
+  // Plain pointers, read once: the stores below go through T*, which the compiler must otherwise
+  // assume could change the vectors' own data pointers.
+  T* const recent = sum_f.recent.data();
+  T* const pending = sum_f.pending.data();
+  const T* const base = sum_f.base.data();
+  T* const loss_recent = loss.recent.data();
+  const double* const b = buf.b.data();
+  const double* const a = buf.a.data();
+  double* const prefix_part = buf.prefix_part.data();
+  double* const grad = buf.grad.data();
+  const NodeTerms<T> terms(buf);
   int64_t since_flush = 0;
-  for (int64_t g = int64_t(buf.group_end.size()) - 1; g >= 0; --g) {
-    const int64_t begin = g == 0 ? 0 : buf.group_end[g - 1], end = buf.group_end[g];
-    const bool single = end - begin == 1;
-    T* to_f = single ? sf.recent.data() : sf.pending.data();
-    for (int64_t x = end - 1; x >= begin; --x) {
-      V dot{};
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        V e, f;
-        if (!NodeTerms<T>::at(buf, blk, buf.b[x], buf.a[x], e, f)) break;
-        const int64_t o = blk * S::W;
-        dot += f * (load<V>(sf.base.data() + o) + load<V>(sf.recent.data() + o));
-        store(to_f + o, load<V>(to_f + o) + f);
-      }
-      buf.grad[x] = lane_sum(dot) - buf.prefix_part[x];
-      if (++since_flush == kFlushEvery) {
-        sf.flush();
-        since_flush = 0;
+  auto element = [&](int64_t x, auto single_tag) {
+    constexpr bool kSingle = decltype(single_tag)::value;
+    T* const to_f = kSingle ? recent : pending;
+    V dot{};
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      V e, f;
+      if (!terms.at(blk, b[x], a[x], e, f)) break;
+      const int64_t o = blk * S::W;
+      const V recent_f = load<V>(recent + o);
+      const V passed = load<V>(base + o) + recent_f;
+      if (kBackward) store(loss_recent + o, load<V>(loss_recent + o) + e * passed);
+      if (kGrad) dot += f * passed;
+      store(to_f + o, (kSingle ? recent_f : load<V>(to_f + o)) + f);
+    }
+    if (kGrad) {
+      if (kBackward) {
+        grad[x] = lane_sum(dot) - prefix_part[x];
+      } else {
+        prefix_part[x] = lane_sum(dot);
       }
     }
-    if (!single) sf.close_group();
+    if (++since_flush == kFlushEvery) {
+      sum_f.flush();
+      if (kBackward) loss.flush();
+      since_flush = 0;
+    }
+  };
+  const int64_t groups = int64_t(buf.group_end.size());
+  const int32_t* const group_end = buf.group_end.data();
+  for (int64_t i = 0; i < groups; ++i) {
+    const int64_t g = kBackward ? groups - 1 - i : i;
+    const int64_t begin = g == 0 ? 0 : group_end[g - 1], end = group_end[g];
+    if (end - begin == 1) {
+      element(begin, std::true_type{});
+      continue;
+    }
+    for (int64_t j = 0; j < end - begin; ++j) element(kBackward ? end - 1 - j : begin + j, std::false_type{});
+    sum_f.close_group();
   }
+  return kBackward ? loss.sum() : 0.0;
 }
 
 template <typename T>
@@ -509,11 +521,11 @@ RowKind expsum_row(const scalar_t* s, const scalar_t* t, int64_t c, double k,
   if (grad_s) {
     buf.prefix_part.resize(c);
     buf.grad.resize(c);
-    f_pref_e = forward_scan<T, true>(buf, blocks);
-    backward_scan<T>(buf, blocks);
+    scan<T, false, true>(buf, blocks);
+    f_pref_e = scan<T, true, true>(buf, blocks);
     for (int64_t x = 0; x < c; ++x) grad_s[buf.order[x]] = T(scale.grad_scale * buf.grad[x]);
   } else {
-    f_pref_e = forward_scan<T, false>(buf, blocks);
+    f_pref_e = scan<T, true, false>(buf, blocks);
   }
   *loss = T(scale.loss(tied, f_pref_e));
   return RowKind::kExpsum;
