@@ -80,6 +80,8 @@ def _backward(ctx, grad_loss, _grad_of_grad_s, _grad_of_grad_t):
         raise RuntimeError("rkkd::kendall does not support double backward (create_graph=True)")
     grad_s, grad_t = ctx.saved_tensors
     ds = dt = None
+    if grad_loss is None:  # no gradient reached the loss (grads are not materialized as zeros)
+        return None, None, None, None, None, None
     if ctx.needs_input_grad[0]:
         ds = _scale_saved(grad_loss, grad_s, ctx.input_dtypes[0], "student")
     if ctx.needs_input_grad[1]:
