@@ -3,14 +3,16 @@
 // expsum.h).
 //
 // Per row: a stable radix sort by teacher logit (descending), then two scans along that order with
-// the M nodes on SIMD lanes, so that every node's prefix sum is a lane of a running vector:
-// - forward: for each element, F and E on every node; the loss sum F * prefE and the gradient's
-//   prefix part F * prefF; then the element's E and F join the prefixes (after its whole tie group);
-// - backward: the same F again (recomputed: storing M x C values would cost more memory traffic than
-//   the exponentials) and the gradient's suffix part F * sufF.
-// The prefix and suffix sums are kept in double for every input type; exp is a SIMD polynomial.
-// float inputs build y = exp(t_m + b) as (e^b e^{t_block}, in double) * e^{t_m - t_block}: one
-// multiplication per element and node, and exp(-y) is the only exponential on the lanes.
+// the M nodes on SIMD lanes, so that every node's running sum is a lane of a running vector:
+// - forward (only when the student's gradient is asked for): F on every node, the gradient's prefix
+//   part F * prefF; the element's F joins the running sum after its whole tie group;
+// - backward: E and F again (recomputed: storing M x C values would cost more memory traffic than
+//   the exponentials), the loss sum E * sufF (= the sum over pairs p before q of F_q E_p) and the
+//   gradient's suffix part F * sufF.
+// Running sums are float64 for float64 inputs; for float32 they are float32 lanes flushed into
+// float64 totals every 16 elements (RunningSum), so no rounding error builds up along the row.
+// exp is a SIMD polynomial; float inputs build y = exp(t_m + b) as (e^b e^{t_block}, in double) *
+// e^{t_m - t_block}: one multiplication per element and node, and exp(-y) is the only exponential.
 //
 // Rows are spread over torch's intra-op threads, one row per thread, each with its own buffers
 // (O(threads * C) extra memory; nothing of size M x C is stored). A row's bits depend on its values

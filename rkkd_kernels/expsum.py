@@ -22,13 +22,14 @@ Each term factorises over p and q, so with ``y_m,i = exp(t_m + 2k (s_i - c))``, 
 
 and the sums over "p before q" become prefix sums along the teacher's order, one per node. So
 
-    P * tau        = N - 2 h sum_m sum_q F_m,q * prefE_m(q)
+    P * tau        = N - 2 h sum_m sum_q F_m,q * prefE_m(q)  =  N - 2 h sum_m sum_p E_m,p * sufF_m(p)
     d(P tau)/ds_x  = 4 k h sum_m F_m,x * (sufF_m(x) - prefF_m(x))
 
 where prefX_m(x) sums X over the groups strictly before x's group and sufF_m(x) over those strictly
-after it. Every term is positive; the prefix and suffix sums are accumulated directly (in float64),
-never as a total minus a part, which would cancel. A row costs O(C log C) for the sort and O(C * M)
-for two scans (forward: loss and prefix part; backward: suffix part, recomputing the exponentials).
+after it. Every term is positive; the prefix and suffix sums are accumulated directly (in float64,
+or in float32 lanes flushed into float64 every 16 elements), never as a total minus a part, which
+would cancel. A row costs O(C log C) for the sort and O(C * M) for two scans (forward: the prefix
+part; backward, recomputing the exponentials: the loss and the suffix part).
 
 The error, and the lattice (this module is the one definition of it; the CPU kernel's
 ``csrc/expsum.h`` holds the same step, cut and limit, and a test checks that they agree):
