@@ -24,6 +24,7 @@ _CUDA_MISSING: Optional[str] = _ext.load("_cuda")
 
 try:
     from . import triton_kernel  # noqa: E402  (registers rkkd::kendall_triton)
+    from . import triton_expsum  # noqa: E402,F401  (registers rkkd::kendall_expsum_triton)
 
     _TRITON_MISSING: Optional[str] = None
 except ImportError as err:  # Triton is optional: the CUDA extension serves GPUs without it
@@ -101,6 +102,7 @@ DISPATCH: Dict[str, RowsLoss] = {
 # The exponential-sum method of the hard-teacher loss (expsum.py), on the backends that have it.
 EXPSUM_DISPATCH: Dict[str, RowsLoss] = {
     "cpu": _fused("kendall_expsum"),
+    "triton": _fused("kendall_expsum_triton"),
 }
 
 

@@ -2,7 +2,8 @@
 float64 truth, the lattice's error bounds, ties, the pair-kernel fallback, NaN rows, determinism,
 gradcheck, top_k, torch.compile, the method keyword and the cost model of method="auto".
 
-Tolerances are the contract's: float32 loss within 1e-6 of the float64 truth and the student's
+The Triton kernel joins at small C (the interpreter is slow) without a GPU. Tolerances are the
+contract's: float32 loss within 1e-6 of the float64 truth and the student's
 gradient within 1e-5 of the row's largest |gradient|; float64 within 1e-10 (both).
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from rkkd_kernels import KendallLoss, expsum, kendall_loss
+from rkkd_kernels import KendallLoss, backends, expsum, kendall_loss
 
 LOSS_ATOL = {torch.float32: 1e-6, torch.float64: 1e-10}
 GRAD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -298,6 +299,7 @@ def test_method_errors():
         kendall_loss(s, t, hard_teacher=True, method="fast")
     with pytest.raises(ValueError, match="backends"):
         kendall_loss(s, t, hard_teacher=True, method="expsum", backend="reference")
+    assert expsum.EXPSUM_BACKENDS == ("cpu", "triton")
     # A soft teacher with "auto" or "pairs" is fine: the pair kernel.
     kendall_loss(s, t, method="auto")
     kendall_loss(s, t, method="pairs")
@@ -325,3 +327,62 @@ def test_auto_follows_the_cost_model_on_the_host():
         return next(c for c in range(2, 100000, 10) if expsum.expsum_is_cheaper("cpu", c, k, torch.float32))
 
     assert crossover(0.25) < crossover(1.0) < crossover(4.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Triton kernel (under the interpreter without a GPU: small C).
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    backends.why_unavailable("triton", torch.device(TRITON_DEVICE)) is not None,
+    reason=str(backends.why_unavailable("triton", torch.device(TRITON_DEVICE))),
+)
+
+
+def on_triton(*tensors):
+    return [x.to(TRITON_DEVICE) for x in tensors]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("c", [2, 3, 40, 150])
+def test_triton_matches_reference(dtype, c):
+    s, t = mixed_rows(c, seed=c + 7, dtype=dtype)
+    got = [x.cpu() for x in loss_and_grads(*on_triton(s, t), 1.3, "expsum", backend="triton")]
+    assert_close_to_truth(got, truth(s, t, 1.3), dtype)
+
+
+@needs_triton
+def test_triton_pair_fallback_nan_rows_and_top_k():
+    c = 60
+    s = torch.rand((4, c), generator=torch.Generator().manual_seed(30), dtype=torch.float64) * 90.0
+    t = logits((4, c), 31)
+    s[1] = logits((c,), 32)
+    s[2, 5] = math.nan
+    s32, t32 = s.float(), t.float()  # row 0 spreads about 90 > 80: the pair path in float32
+    got = [x.cpu() for x in loss_and_grads(*on_triton(s32, t32), 1.0, "expsum", backend="triton")]
+    assert torch.isnan(got[0][2]) and torch.isnan(got[1][2]).all()
+    keep = [0, 1, 3]
+    want = truth(s32[keep], t32[keep], 1.0)
+    assert_close_to_truth([got[0][keep], got[1][keep], got[2][keep]], want, torch.float32)
+    got_k = [x.cpu() for x in loss_and_grads(*on_triton(s[[1]], t[[1]]), 1.0, "expsum", backend="triton", top_k=9)]
+    assert_close_to_truth(got_k, truth(s[[1]], t[[1]], 1.0, top_k=9), torch.float64)
+
+
+@needs_triton
+def test_triton_gradcheck_and_determinism():
+    s = logits((2, 7), 33).to(TRITON_DEVICE).requires_grad_(True)
+    t = logits((2, 7), 34).to(TRITON_DEVICE)
+
+    def fn(s):
+        return kendall_loss(s, t, 1.3, hard_teacher=True, reduction="none", backend="triton", method="expsum")
+
+    assert torch.autograd.gradcheck(fn, (s,))
+    a = loss_and_grads(s, t, 1.3, "expsum", backend="triton")
+    b = loss_and_grads(s, t, 1.3, "expsum", backend="triton")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_auto_keeps_the_pair_kernel_on_unmeasured_backends():
+    assert expsum.choose("auto", "triton", 100000, 1.0, torch.float32, True) == "pairs"
+    assert expsum.choose("expsum", "triton", 100, 1.0, torch.float32, True) == "expsum"
