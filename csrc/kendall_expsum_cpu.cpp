@@ -560,7 +560,7 @@ std::vector<int64_t> expsum_rows(const scalar_t* s, const scalar_t* t, int64_t r
     for (int64_t r = begin; r < end; ++r) {
       T* g = grad_s ? grad_s + r * c : nullptr;
       kinds[r] = expsum_row<scalar_t, T>(s + r * c, t + r * c, c, k, lattice, buf, loss + r, g);
-      if (kinds[r] == RowKind::kNonFinite) {  // SPEC: a non-finite logit makes its row NaN
+      if (kinds[r] == RowKind::kNonFinite) {  // a non-finite logit makes its row NaN, never 0
         const T nan = std::numeric_limits<T>::quiet_NaN();
         loss[r] = nan;
         if (g) std::fill(g, g + c, nan);

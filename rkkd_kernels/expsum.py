@@ -38,7 +38,7 @@ The error, and the lattice (this module is the one definition of it; the CPU ker
   integral times ``1 + sum_{j != 0} Gamma(p + 2 pi i j / h) / Gamma(p) x^{...}``, so its relative
   error is at most ``2 sum_{j >= 1} |Gamma(p + 2 pi i j / h)| / Gamma(p)``, for every x > 0. With
   ``|Gamma(1 + i w)|^2 = pi w / sinh(pi w)`` and ``|Gamma(2 + i w)|^2 = (1 + w^2) |Gamma(1 + i w)|^2``
-  that is, for h = 7/16, 3.0e-9 (1/x) and 4.4e-8 (1/x^2); for h = 9/32, 1.4e-14 and 3.5e-13. The
+  that is, for h = 7/16, 3.0e-9 (1/x) and 4.4e-8 (1/x^2); for h = 9/32, 1.4e-14 and 3.0e-13. The
   1/x^2 error is the larger (by the factor sqrt(1 + w^2), w = 2 pi / h), so it sizes h.
 - Range: a centred row has ``a`` in [e^{-kR}, e^{kR}], R = max(s) - min(s), so x lies in
   [2 e^{-kR}, 2 e^{kR}]. The nodes below t_lo are dropped where ``x_max h sum_{t_m < t_lo} e^{t_m}``
@@ -136,7 +136,7 @@ def _right_cut(step: float, cut: float) -> float:
     return hi
 
 
-# float32: 1/x^2 discretised to 4.4e-8 and tails of 1e-8; float64: 3.5e-13 and 1e-14. Mirrored by
+# float32: 1/x^2 discretised to 4.4e-8 and tails of 1e-8; float64: 3.0e-13 and 1e-14. Mirrored by
 # csrc/expsum.h (ExpsumLattice), which must hold the same three numbers.
 LATTICES = {
     torch.float32: Lattice(step=7.0 / 16.0, cut=1e-8, max_spread=80.0),
