@@ -114,7 +114,7 @@ csrc = os.path.join(HERE, "csrc")
 extensions = [
     CppExtension(
         "rkkd_kernels._cpu",
-        ["csrc/kendall_cpu.cpp"],
+        ["csrc/kendall_cpu.cpp", "csrc/kendall_expsum_cpu.cpp"],
         include_dirs=[csrc],
         extra_compile_args=["-O3", f"-march={CPU_ARCH}", "-fopenmp", "-fno-math-errno"],
         extra_link_args=["-fopenmp"],

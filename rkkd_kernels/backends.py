@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from . import _ext, ops
+from . import _ext, expsum, ops  # noqa: F401  (expsum defines rkkd::kendall_expsum before _cpu loads)
 from .reference import kendall_reference_rows
 
 RowsLoss = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
@@ -24,6 +24,7 @@ _CUDA_MISSING: Optional[str] = _ext.load("_cuda")
 
 try:
     from . import triton_kernel  # noqa: E402  (registers rkkd::kendall_triton)
+    from . import triton_expsum  # noqa: E402,F401  (registers rkkd::kendall_expsum_triton)
 
     _TRITON_MISSING: Optional[str] = None
 except ImportError as err:  # Triton is optional: the CUDA extension serves GPUs without it
@@ -96,6 +97,12 @@ DISPATCH: Dict[str, RowsLoss] = {
     "cpu": _fused("kendall"),
     "cuda": _fused("kendall"),
     "triton": _fused("kendall_triton"),
+}
+
+# The exponential-sum method of the hard-teacher loss (expsum.py), on the backends that have it.
+EXPSUM_DISPATCH: Dict[str, RowsLoss] = {
+    "cpu": _fused("kendall_expsum"),
+    "triton": _fused("kendall_expsum_triton"),
 }
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import backends
+from . import backends, expsum
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -27,7 +27,8 @@ def _check_k(k: float) -> float:
     return k
 
 
-def _check_options(k, top_k, reduction, backend) -> float:
+def _check_options(k, top_k, reduction, backend, method="auto", hard_teacher=False) -> float:
+    expsum.check_method(method, hard_teacher)
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
     if backend not in backends.BACKENDS:
@@ -94,6 +95,7 @@ def kendall_loss(
     top_k: Optional[int] = None,
     reduction: str = "mean",
     backend: str = "auto",
+    method: str = "auto",
 ) -> torch.Tensor:
     """Soft-Kendall ranking loss ``1 - tau`` between student and teacher logits (RKKD).
 
@@ -110,17 +112,22 @@ def kendall_loss(
         top_k: only the pairs among the ``top_k`` channels with the largest teacher logits.
         reduction: ``"mean"`` over rows, ``"sum"`` or ``"none"`` (shape ``(...)``).
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
+        method: with a hard teacher, ``"pairs"`` (every pair, O(C^2) per row), ``"expsum"`` (the
+            exponential sums along the teacher's order, O(C log C + C M), see ``expsum.py``) or
+            ``"auto"``, which picks by a cost model of C, k and the dtype. A soft teacher always
+            uses the pairs (``"expsum"`` is then a ValueError).
 
     Returns:
         The loss in ``[0, 2]`` per row, reduced as asked, in the (promoted) input dtype.
 
     Raises:
         ValueError: differing shapes or devices, ``C < 2``, ``top_k`` outside ``[2, C]``, a bad
-            ``k``, an unknown ``reduction`` or ``backend``.
+            ``k``, an unknown ``reduction``, ``backend`` or ``method``, ``method="expsum"`` with a soft
+            teacher or on a backend without it.
         TypeError: a non-floating dtype.
         RuntimeError: a forced backend that is not available here (the message says what to install).
     """
-    k = _check_options(k, top_k, reduction, backend)
+    k = _check_options(k, top_k, reduction, backend, method, hard_teacher)
     _check_tensors(student_logits, teacher_logits, top_k)
     chosen = backends.choose(backend, student_logits.device)
 
@@ -134,7 +141,9 @@ def kendall_loss(
 
     # Per-row losses come in the accumulation dtype (float32 for half types), so the reduction
     # below sums in it; only the result is rounded to the input dtype.
-    loss_rows = backends.DISPATCH[chosen](student, teacher, k, bool(hard_teacher))
+    how = expsum.choose(method, chosen, student.shape[-1], k, student.dtype, bool(hard_teacher))
+    rows_loss = backends.EXPSUM_DISPATCH[chosen] if how == "expsum" else backends.DISPATCH[chosen]
+    loss_rows = rows_loss(student, teacher, k, bool(hard_teacher))
     if reduction == "mean":
         out = loss_rows.mean()
     elif reduction == "sum":
@@ -154,13 +163,15 @@ class KendallLoss(nn.Module):
         top_k: Optional[int] = None,
         reduction: str = "mean",
         backend: str = "auto",
+        method: str = "auto",
     ) -> None:
         super().__init__()
-        self.k = _check_options(k, top_k, reduction, backend)
+        self.k = _check_options(k, top_k, reduction, backend, method, hard_teacher)
         self.hard_teacher = bool(hard_teacher)
         self.top_k = top_k
         self.reduction = reduction
         self.backend = backend
+        self.method = method
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return kendall_loss(
@@ -171,10 +182,11 @@ class KendallLoss(nn.Module):
             top_k=self.top_k,
             reduction=self.reduction,
             backend=self.backend,
+            method=self.method,
         )
 
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, hard_teacher={self.hard_teacher}, top_k={self.top_k}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
+            f"reduction={self.reduction!r}, backend={self.backend!r}, method={self.method!r}"
         )
