@@ -102,6 +102,10 @@ INTERPRETER_PROGRAMS = 4
 FINALIZE_BLOCK = 16 if INTERPRETING else 1024
 # The most rows one call takes: the pair kernel's grid puts rows on axis 0 (at most 2^31 - 1).
 MAX_ROWS = 2**31 - 1
+# The k range: k arrives as two float32 halves (see _float32_halves), whose low half must stay a
+# normal float32 (k * 2^-24 >= 2^-126) for ~48 bits of k; below float32's range k would be 0.
+MIN_K = 2.0**-100
+MAX_K = 1.0e38
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,8 +608,9 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, k: float) -> Non
         raise RuntimeError(f"{OP_NAME} needs C >= 2, got {student.shape[1]}")
     if student.shape[0] > MAX_ROWS:  # rows go on grid axis 0, whose limit this is
         raise RuntimeError(f"{OP_NAME} takes at most 2^31 - 1 rows, got {student.shape[0]}")
-    if not (math.isfinite(k) and 0 < k < 1.0e38):
-        raise RuntimeError(f"{OP_NAME} needs a positive finite k below 1e38, got {k}")
+    if not (math.isfinite(k) and MIN_K <= k < MAX_K):
+        raise RuntimeError(f"{OP_NAME} needs k in [2^-100, 1e38), got {k} (the CPU and CUDA backends "
+                           "take any positive finite k)")
 
 
 def _on_device_of(tensor: torch.Tensor):
