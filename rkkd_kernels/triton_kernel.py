@@ -180,18 +180,19 @@ def _expm1(x):
     libdevice.
 
     |x| < 1/2: the Taylor series x (1 + x/2 (1 + x/3 (1 + ... (1 + x/N)))), whose remainder is
-    below 0.5^N / (N + 1)! of x: N = 8 for float32 (1e-8), 14 for float64 (5e-17). Float32 takes
-    the factors 1/n as float32 literals; float64 divides by n, exactly (a float literal would be
-    rounded to float32). Elsewhere exp(x) - 1, where the subtraction costs at most a bit or two.
+    below 0.5^N / (N + 1)! of x: N = 8 for float32 (1e-8), 14 for float64 (5e-17). The factors 1/n
+    are divisions of a 1 in x's dtype, one per tile (a float literal 1/n would be rounded to float32
+    even for float64). Elsewhere exp(x) - 1, where the subtraction costs at most a bit or two.
     """
     small = tl.abs(x) < 0.5
+    one = tl.sum(tl.full([1], 1.0, x.dtype), axis=0)
     r = x * 0.0 + 1.0
     if x.dtype == tl.float64:
         for n in tl.static_range(14, 1, -1):
-            r = 1.0 + x * r / n
+            r = 1.0 + x * r * (one / n)
     else:
         for n in tl.static_range(8, 1, -1):
-            r = 1.0 + x * r * (1.0 / n)
+            r = 1.0 + x * r * (one / n)
     return tl.where(small, x * r, tl.exp(x) - 1.0)
 
 
