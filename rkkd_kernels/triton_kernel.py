@@ -216,7 +216,8 @@ def _row_form(spread, ratio_limit):
     """FORM of a row of finite logits from k * max(spread of student, of teacher): the rule of
     choose_row_path in csrc/pair_math.h, less its double ratio form (a float32 row beyond the float
     ratio form takes the direct form here, in float32, which cannot overflow)."""
-    return tl.where(spread <= 1.0, 0, tl.where(spread <= ratio_limit, 1, 2))  # SMALL_SPREAD_MAX
+    return tl.where(spread <= 1.0, FORM_SMALL,  # 1.0: SMALL_SPREAD_MAX
+                    tl.where(spread <= ratio_limit, FORM_RATIO, FORM_DIRECT))
 
 
 @triton.jit
@@ -439,11 +440,11 @@ def _kendall_pairs_kernel(
         # Snake order: round r gives tiles r*S .. r*S+S-1 to splits 0..S-1, reversed on odd rounds.
         ti = rnd * n_splits + split + (rnd % 2) * (n_splits - 1 - 2 * split)
         if ti < n_tiles:
-            if form == 1:  # FORM_RATIO, the usual row first
+            if form == FORM_RATIO:  # the usual row first
                 tau += _tile_row(s_row, t_row, gs_row, gt_row, ti, C,
                                  s_centre, t_centre, two_k, exp2_scale,
                                  ACC, HARD, NEED_GS, NEED_GT, FORM_RATIO, FAST_RCP, BLOCK)
-            elif form == 0:  # FORM_SMALL
+            elif form == FORM_SMALL:
                 tau += _tile_row(s_row, t_row, gs_row, gt_row, ti, C,
                                  s_centre, t_centre, two_k, exp2_scale,
                                  ACC, HARD, NEED_GS, NEED_GT, FORM_SMALL, FAST_RCP, BLOCK)
