@@ -2,23 +2,27 @@
 # One GPU window verifies everything: on a machine with a CUDA GPU,
 #   1. build the package (CPU and CUDA extensions),
 #   2. run the whole test suite on CUDA tensors (conftest picks CUDA when a GPU is present),
-#   3. report the Triton autotuner's choices,
-#   4. run the GPU benchmark: the headline cell (B=256, C=1000) first, with the verdict on the CUDA
-#      extension's time against Triton's,
-#   5. run both GPU backends under compute-sanitizer (memcheck, racecheck), then the GPU grid,
-# writing logs, CSV and summary.txt into the folder given as the first argument, in about 10 min.
+#   3. run both GPU backends under compute-sanitizer (memcheck, racecheck, initcheck, synccheck)
+#      while the tests' Triton kernels are still in the cache,
+#   4. report the Triton autotuner's choices,
+#   5. run the GPU benchmark: the headline cell (B=256, C=1000) first, with the verdict on the CUDA
+#      extension's time against Triton's, then the GPU grid with what is left of the budget,
+# writing logs, CSV and summary.txt into the folder given as the first argument, in under 10 min.
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR
+#   bash benchmarks/gpu_check.sh OUT_DIR [COPY_DIR]
+#
+# COPY_DIR (optional): after every step, summary.txt and an archive of OUT_DIR (gpu_check.tgz) are
+# copied there, so that a run killed at an outer time limit still leaves what it had done.
 #
 # Environment: PYTHON (default: python3), MAX_JOBS (default: the number of CPUs),
 # GPU_CHECK_BUDGET_S (default 570: the whole run), GPU_CHECK_DRY_RUN=1 (print the steps only),
-# GPU_CHECK_STEPS="NAME ..." (run only these steps, e.g. a second run on the same machine:
-# "sanitizer_memcheck sanitizer_racecheck bench_gpu"; the build is kept there).
+# GPU_CHECK_STEPS="NAME ..." (run only these steps, e.g. a second call on the same, still warm
+# machine: "sanitizer_memcheck sanitizer_racecheck bench_gpu"; the build is kept there).
 # Every step runs under a timeout cut to what is left of the budget, and a failing step does not
 # stop the next ones; summary.txt lists each step's exit status and seconds (124: timed out).
 #
-# To carry the results off the machine as one archive, run it in a scratch folder:
-#   bash benchmarks/gpu_check.sh /tmp/gc; tar czf gc.tgz -C /tmp gc
+# Where only a few files can be brought back, run it in a scratch folder with COPY_DIR:
+#   bash benchmarks/gpu_check.sh /tmp/gc "$OUT"
 #
 # To add a step (e.g. the CUDA extension's own runs), call `step NAME CAP_S COMMAND...` below:
 # its output goes to OUT_DIR/NAME.log.
@@ -32,6 +36,11 @@ fi
 OUT_DIR=$1
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
+COPY_DIR=${2:-}
+if [ -n "$COPY_DIR" ]; then
+    mkdir -p "$COPY_DIR"
+    COPY_DIR=$(cd "$COPY_DIR" && pwd)
+fi
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
@@ -46,6 +55,22 @@ unset TRITON_INTERPRET  # the real GPU kernels, not the interpreter
 : >"$SUMMARY"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
+# The steps' caps (seconds). Those before the grid sum to CAPPED_S, within the budget; the grid
+# (bench_gpu, the last step) gets what is left, and writes the cells it measured when cut.
+CAP_ENVIRONMENT=15 CAP_BUILD=180 CAP_TESTS=150 CAP_SANITIZER=25 CAP_TRITON_CONFIGS=40
+CAP_BENCH_HEADLINE=60 CAP_CUDA_VS_TRITON=10
+SANITIZERS="memcheck racecheck initcheck synccheck"
+CAPPED_S=$((CAP_ENVIRONMENT + CAP_BUILD + CAP_TESTS + 4 * CAP_SANITIZER + CAP_TRITON_CONFIGS
+            + CAP_BENCH_HEADLINE + CAP_CUDA_VS_TRITON))
+
+# After every step: summary.txt and an archive of the logs into COPY_DIR (if given).
+copy_out() {
+    [ -n "$COPY_DIR" ] || return 0
+    cp "$SUMMARY" "$COPY_DIR/summary.txt"
+    tar czf "$COPY_DIR/gpu_check.tgz.part" -C "$(dirname "$OUT_DIR")" "$(basename "$OUT_DIR")" 2>/dev/null \
+        && mv "$COPY_DIR/gpu_check.tgz.part" "$COPY_DIR/gpu_check.tgz"
+}
+
 # step NAME CAP_S COMMAND...: run COMMAND with a timeout of min(CAP_S, budget left), log to NAME.log.
 step() {
     local name=$1 cap=$2
@@ -55,9 +80,10 @@ step() {
     fi
     local left=$((BUDGET_S - (SECONDS - START_S)))
     local limit=$((cap < left ? cap : left))
-    if [ "$limit" -lt 15 ]; then
+    if [ "$limit" -lt 10 ]; then
         note "SKIPPED $name: ${left}s of the budget left"
         FAILED=1
+        copy_out
         return 0
     fi
     echo "== $name (at most ${limit}s): $*"
@@ -72,28 +98,62 @@ step() {
     [ "$status" -eq 0 ] || FAILED=1
     note "$(printf '%-22s exit %3d  %4ds' "$name" "$status" $((SECONDS - t0)))"
     tail -n 5 "$OUT_DIR/$name.log" | sed 's/^/    /'
+    copy_out
 }
 
 note "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+note "caps before the grid: ${CAPPED_S}s of a ${BUDGET_S}s budget"
+if [ "$CAPPED_S" -gt "$BUDGET_S" ]; then
+    note "WARNING: the caps exceed the budget; the last steps will be cut or skipped"
+fi
 ENV_INFO='import sys, torch, triton
 print(sys.version)
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
 print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, "SMs")'
-step environment 30 bash -c "nvidia-smi; $PY -c '$ENV_INFO'"
+step environment "$CAP_ENVIRONMENT" bash -c "nvidia-smi; $PY -c '$ENV_INFO'"
 
 # Build the CUDA extension for this GPU alone (setup.py's default, 8.0 and 9.0+PTX, builds twice).
 ARCH=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo "8.0;9.0+PTX")
-step build 240 env MAX_JOBS="${MAX_JOBS:-$(nproc)}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" \
+step build "$CAP_BUILD" env MAX_JOBS="${MAX_JOBS:-$(nproc)}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" \
     "$PY" setup.py build_ext --inplace
 
 # The CPU-only files stay out of the GPU window: the ahead-of-time compile check (Triton's compiler,
 # no GPU needed) and the CPU benchmark's smoke test run in every CI run.
-step tests 200 "$PY" -m pytest tests -ra -q --junitxml="$OUT_DIR/tests.xml" \
+step tests "$CAP_TESTS" "$PY" -m pytest tests -ra -q --junitxml="$OUT_DIR/tests.xml" \
     --ignore=tests/test_triton_aot.py --ignore=tests/test_bench.py
+
+# What the tests' results alone could miss, in both GPU backends: out-of-bounds accesses
+# (memcheck), shared-memory races (racecheck), reads of uninitialised global memory (initcheck),
+# misused barriers (synccheck). On a few shapes that take every path: one and several blocks or
+# programs per row, partial tiles, hard teacher, rows of each form (small spread, ratio, direct)
+# and a NaN row. Without the caching allocator (PYTORCH_NO_CUDA_MEMORY_CACHING=1): inside one of
+# its blocks an access past a tensor's end is in bounds to the sanitizer. One pinned Triton
+# configuration, compiled by the tests just before: no autotuning or compiling under the tool.
+cat >"$OUT_DIR/sanitized_calls.py" <<'PYEOF'
+import torch
+from rkkd_kernels import kendall_loss
+
+for backend in ("cuda", "triton"):
+    for rows, c in [(3, 33), (1, 1000), (300, 100), (5, 4099)]:
+        for hard in (False, True):
+            # Row spreads from 1e-7 to 100 (every form of row at k = 1), and a NaN row.
+            s = torch.randn(rows, c, device="cuda") * torch.logspace(-7, 2, rows, device="cuda")[:, None]
+            if rows > 1:
+                s[-1, -1] = float("nan")
+            s.requires_grad_(True)
+            t = torch.randn(rows, c, device="cuda", requires_grad=not hard)
+            kendall_loss(s, t, 1.0, hard_teacher=hard, backend=backend).backward()
+torch.cuda.synchronize()
+print("all calls ran")
+PYEOF
+for tool in $SANITIZERS; do
+    step "sanitizer_$tool" "$CAP_SANITIZER" env RKKD_TRITON_CONFIG=64:8 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" "$OUT_DIR/sanitized_calls.py"
+done
 
 # The Triton autotuner's pick (tile, warps) and the number of splits per shape; the timings are
 # the benchmark's (next steps).
-step triton_configs 90 "$PY" - <<'PYEOF'
+step triton_configs "$CAP_TRITON_CONFIGS" "$PY" - <<'PYEOF'
 import torch
 
 from rkkd_kernels import available_backends
@@ -121,11 +181,11 @@ if not tk.INTERPRETING:
         print("autotuned", key, "->", config)
 PYEOF
 
-step bench_headline 150 "$PY" -m benchmarks.bench_kendall --device cuda --headline \
+step bench_headline "$CAP_BENCH_HEADLINE" "$PY" -m benchmarks.bench_kendall --device cuda --headline \
     --out "$OUT_DIR/bench_headline"
 
 # The target: the CUDA extension within 1.5x of the Triton kernel at the headline cell.
-step cuda_vs_triton 15 "$PY" - "$OUT_DIR/bench_headline/headline.csv" <<'PYEOF'
+step cuda_vs_triton "$CAP_CUDA_VS_TRITON" "$PY" - "$OUT_DIR/bench_headline/headline.csv" <<'PYEOF'
 import csv, sys
 ms = {r["backend"]: float(r["median_ms"]) for r in csv.DictReader(open(sys.argv[1])) if r.get("median_ms")}
 ratio = ms["cuda"] / ms["triton"]
@@ -133,29 +193,7 @@ print(f"cuda {ms['cuda']:.3f} ms, triton {ms['triton']:.3f} ms: cuda/triton {rat
 sys.exit(0 if ratio <= 1.5 else 1)
 PYEOF
 
-# Out-of-bounds accesses and shared-memory races in both GPU backends, which the tests' results
-# alone could miss: compute-sanitizer (memcheck, then racecheck) on a few shapes that take every
-# path (one and several blocks or programs per row, partial tiles, hard teacher). One pinned Triton
-# configuration: the autotuner's timing runs would be slow under the sanitizer.
-cat >"$OUT_DIR/sanitized_calls.py" <<'PYEOF'
-import torch
-from rkkd_kernels import kendall_loss
-
-for backend in ("cuda", "triton"):
-    for rows, c in [(3, 33), (1, 1000), (300, 100), (5, 4099)]:
-        for hard in (False, True):
-            s = torch.randn(rows, c, device="cuda", requires_grad=True)
-            t = torch.randn(rows, c, device="cuda", requires_grad=not hard)
-            kendall_loss(s, t, 1.0, hard_teacher=hard, backend=backend).backward()
-torch.cuda.synchronize()
-print("all calls ran")
-PYEOF
-for tool in memcheck racecheck; do
-    step "sanitizer_$tool" 45 env RKKD_TRITON_CONFIG=64:8 \
-        compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" "$OUT_DIR/sanitized_calls.py"
-done
-
-step bench_gpu 600 "$PY" -m benchmarks.bench_kendall --device cuda --out "$OUT_DIR/bench"
+step bench_gpu "$BUDGET_S" "$PY" -m benchmarks.bench_kendall --device cuda --out "$OUT_DIR/bench"
 
 note "total $((SECONDS - START_S))s of a ${BUDGET_S}s budget; logs and CSV in $OUT_DIR"
 exit $FAILED

@@ -64,6 +64,10 @@ class Variant:
     fused: bool
     block: int
     num_warps: int
+    # How the runtime specializes the other arguments, which it decides per call:
+    int_type: str = "i32"  # "i64": an integer argument >= 2^31 (a long row, a strided view)
+    aligned: bool = False  # every pointer 16-byte aligned, every integer a multiple of 16
+    splits_pow2: int = 0  # the finalize kernel's SPLITS_POW2 (next power of 2 of the splits)
 
 
 @dataclass
@@ -104,8 +108,25 @@ def variants(quick: bool) -> List[Variant]:
             if config is not main:
                 out.append(Variant("pairs", "float32", False, True, False, True,
                                    config.kwargs["BLOCK"], config.num_warps))
-    for acc, (need_gs, need_gt) in itertools.product(("float32", "float64"), ((True, True), (True, False), (False, True))):
-        out.append(Variant("finalize", acc, False, need_gs, need_gt, False, tk.FINALIZE_BLOCK, 4))
+    # The specializations the runtime adds per call, on every flag set at the main configuration
+    # (quick: on the usual call): 64-bit integers, and 16-divisible pointers and integers (C = 1000
+    # or 1024, aligned tensors: Triton then widens the loads), alone and together.
+    special_dtypes = ["float32"] if quick else ["float32", "float64"]
+    special_flags = [(False, True, False)] if quick else list(flag_sets())
+    for dtype, (hard, need_gs, need_gt), fused, (int_type, aligned) in itertools.product(
+            special_dtypes, special_flags, (True, False), (("i64", False), ("i32", True), ("i64", True))):
+        out.append(Variant("pairs", dtype, hard, need_gs, need_gt, fused, 64, main.num_warps,
+                           int_type=int_type, aligned=aligned))
+    # The finalize kernel for every SPLITS_POW2 that num_splits can give (2 .. MAX_SPLITS), every
+    # gradient set (none: an evaluation's loss alone) and the same specializations.
+    splits_pow2 = [2**e for e in range(1, tk.MAX_SPLITS.bit_length())]
+    grads = ((True, True), (True, False), (False, True), (False, False))
+    for acc, (need_gs, need_gt), pow2 in itertools.product(("float32", "float64"), grads, splits_pow2):
+        out.append(Variant("finalize", acc, False, need_gs, need_gt, False, tk.FINALIZE_BLOCK, 4,
+                           splits_pow2=pow2))
+    for acc, (int_type, aligned) in itertools.product(("float32", "float64"), (("i64", False), ("i32", True))):
+        out.append(Variant("finalize", acc, False, True, False, False, tk.FINALIZE_BLOCK, 4,
+                           int_type=int_type, aligned=aligned, splits_pow2=4))
     return out
 
 
@@ -131,10 +152,11 @@ def _source(variant: Variant):
                          FUSED_FINALIZE=variant.fused, FAST_RCP=acc == "fp32", BLOCK=variant.block)
     else:
         fn = tk._kendall_finalize_kernel
-        constants = dict(NEED_GS=variant.need_gs, NEED_GT=variant.need_gt, SPLITS_POW2=4,
-                         BLOCK=variant.block)
+        constants = dict(NEED_GS=variant.need_gs, NEED_GT=variant.need_gt,
+                         SPLITS_POW2=variant.splits_pow2, BLOCK=variant.block)
     signature: Dict[str, str] = {}
-    for name in fn.arg_names:
+    divisible = []  # arguments the runtime marks tt.divisibility=16 (Triton's "D" specialization)
+    for index, name in enumerate(fn.arg_names):
         if name in constants:
             signature[name] = "constexpr"
         elif name in INPUT_POINTERS:
@@ -142,13 +164,16 @@ def _source(variant: Variant):
         elif name.endswith("_ptr"):
             signature[name] = "*" + acc
         elif name in INT_ARGS:
-            signature[name] = "i32"
+            signature[name] = variant.int_type
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"
         else:
             raise KeyError(f"benchmarks.triton_aot does not know argument {name!r} of {fn.__name__}")
+        if variant.aligned and (name.endswith("_ptr") or name in INT_ARGS):
+            divisible.append(index)
     constexprs = {(fn.arg_names.index(name),): value for name, value in constants.items()}
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(index,): [["tt.divisibility", 16]] for index in divisible}
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
 def _cuobjdump() -> Optional[str]:
@@ -217,7 +242,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{'no cuobjdump: resources unread; ' if not cuobjdump else ''}table in {path}")
     for r in failed:
         print(f"  FAILED {r.kernel} {r.dtype} hard={r.hard} gs={r.need_gs} gt={r.need_gt} "
-              f"fused={r.fused} {r.block}:{r.num_warps} {r.target}: {r.error}")
+              f"fused={r.fused} {r.block}:{r.num_warps} {r.int_type} aligned={r.aligned} "
+              f"splits_pow2={r.splits_pow2} {r.target}: {r.error}")
     for r in spilled:
         print(f"  spills {r.local_bytes} B/thread: {r.kernel} {r.dtype} hard={r.hard} gs={r.need_gs} "
               f"gt={r.need_gt} fused={r.fused} {r.block}:{r.num_warps} {r.target} ({r.regs} registers)")

@@ -20,6 +20,9 @@
 
 #include <algorithm>
 #include <cmath>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <limits>
 #include <utility>
@@ -49,15 +52,32 @@ struct VecOf<double> {
   using type = F64Vec;
 };
 
-// Vector arithmetic: a true division (on these cores as fast as a reciprocal estimate refined by a
-// Newton step, measured, and exact), and sign() from lane masks (a comparison gives -1 or 0).
+// Vector arithmetic: a true division (on AVX2 cores as fast as a reciprocal estimate refined by a
+// Newton step, measured, and exact; AVX-512 float differs, below), and sign() from lane masks (a
+// comparison gives -1 or 0).
 template <typename V, typename T>
 struct VectorArith {
   static inline V reciprocal(V x) { return T(1) / x; }
   static inline V sign(V x) { return __builtin_convertvector((x < T(0)) - (x > T(0)), V); }
 };
+#if defined(__AVX512F__)
+// AVX-512 float: the divider bounds the loop (vdivps zmm, 8 cycles per 16 lanes measured on an
+// Emerald Rapids core; 4 of them per 32 pairs), so the reciprocal is the 14-bit estimate vrcp14ps
+// refined by one Newton step, two FMAs on pipes that have room: within about an ulp, and 1.45x
+// faster at B=256, C=1000 (benchmarks/README.md). Its arguments are normal numbers: a_i + a_j in
+// [2 exp(-80), 2 exp(80)] (ratio form), e_i + e_j + 2 in [2/e, 2e] (small-spread form).
+template <>
+struct Arith<F32Vec> : VectorArith<F32Vec, float> {
+  static inline F32Vec reciprocal(F32Vec x) {
+    const F32Vec r = F32Vec(_mm512_rcp14_ps(__m512(x)));
+    const F32Vec e = 1.0f - x * r;
+    return r + r * e;
+  }
+};
+#else
 template <>
 struct Arith<F32Vec> : VectorArith<F32Vec, float> {};
+#endif
 template <>
 struct Arith<F64Vec> : VectorArith<F64Vec, double> {};
 
@@ -105,18 +125,25 @@ struct RowBuffers {
   }
 };
 
-template <typename V, bool kHard>
-inline PairTerms<V> ratio_pair(V a_i, V b_i, V a_j, V b_j) {
-  const TanhPair<V> s = tanh_from_ratio(a_i, a_j);
-  return kHard ? hard_teacher_pair(s, Arith<V>::sign(b_i - b_j))
-               : soft_teacher_pair(s, tanh_from_ratio(b_i, b_j));
+// tanh of a pair from the weights of the ratio form (kSmall false) or the small-spread form.
+template <bool kSmall, typename V>
+inline TanhPair<V> tanh_from_weights(V a_i, V a_j) {
+  return kSmall ? tanh_from_expm1(a_i, a_j) : tanh_from_ratio(a_i, a_j);
 }
 
-// The fast path: ratio form on SIMD vectors. `a`, `b` hold exp(2k (x - centre)) of student and
-// teacher (for a hard teacher, `b` holds the teacher logits themselves), padded with ones.
+template <typename V, bool kHard, bool kSmall>
+inline PairTerms<V> ratio_pair(V a_i, V b_i, V a_j, V b_j) {
+  const TanhPair<V> s = tanh_from_weights<kSmall>(a_i, a_j);
+  return kHard ? hard_teacher_pair(s, Arith<V>::sign(b_i - b_j))
+               : soft_teacher_pair(s, tanh_from_weights<kSmall>(b_i, b_j));
+}
+
+// The fast path: ratio form (or small-spread form, kSmall) on SIMD vectors. `a`, `b` hold the
+// weights exp(2k (x - centre)) (kSmall: expm1) of student and teacher (for a hard teacher, `b`
+// holds the teacher logits themselves), padded with weights of zero logits.
 // Two rows i, i + 1 share each pass over j > i + 1: the loads of a_j, b_j and the read-modify-write
 // of the j-side sums are paid once for two pairs.
-template <typename T, bool kHard, bool kGradS, bool kGradT>
+template <typename T, bool kSmall, bool kHard, bool kGradS, bool kGradT>
 T ratio_row(const T* a, const T* b, int64_t c, int64_t i_begin, int64_t i_end, T* gs, T* gt) {
   using V = typename VecOf<T>::type;
   constexpr int64_t W = sizeof(V) / sizeof(T);
@@ -124,7 +151,7 @@ T ratio_row(const T* a, const T* b, int64_t c, int64_t i_begin, int64_t i_end, T
   T tau = 0;
   for (int64_t i = i_begin; i < i_end && i + 1 < c; i += 2) {
     const int64_t i1 = i + 1;
-    const PairTerms<T> own = ratio_pair<T, kHard>(a[i], b[i], a[i1], b[i1]);
+    const PairTerms<T> own = ratio_pair<T, kHard, kSmall>(a[i], b[i], a[i1], b[i1]);
     tau += own.tau;
     const V a_i = V{} + a[i], b_i = V{} + b[i];
     const V a_i1 = V{} + a[i1], b_i1 = V{} + b[i1];
@@ -132,8 +159,8 @@ T ratio_row(const T* a, const T* b, int64_t c, int64_t i_begin, int64_t i_end, T
     for (int64_t j = i + 2; j < c; j += W) {
       const V a_j = load<V>(a + j);
       const V b_j = load<V>(b + j);
-      PairTerms<V> p = ratio_pair<V, kHard>(a_i, b_i, a_j, b_j);
-      PairTerms<V> p1 = ratio_pair<V, kHard>(a_i1, b_i1, a_j, b_j);
+      PairTerms<V> p = ratio_pair<V, kHard, kSmall>(a_i, b_i, a_j, b_j);
+      PairTerms<V> p1 = ratio_pair<V, kHard, kSmall>(a_i1, b_i1, a_j, b_j);
       if (j + W > c) {  // the last, partial vector: lanes past C contribute nothing
         V mask{};
         for (int64_t l = 0; l < c - j; ++l) mask[l] = T(1);
@@ -193,7 +220,7 @@ struct Range {
   double hi = -std::numeric_limits<double>::infinity();
   bool finite = true;
   double spread() const { return hi - lo; }
-  double centre() const { return 0.5 * (hi + lo); }
+  double centre() const { return row_centre(lo, hi); }
 };
 
 template <typename scalar_t>
@@ -228,45 +255,55 @@ int64_t chunk_start(int64_t c, int64_t m, int64_t n) {
   return std::min<int64_t>(c, static_cast<int64_t>(x) & ~int64_t(1));
 }
 
-// How a row is computed: its ranges, and which path (ratio form in float or double, or direct).
-enum class Path { kNonFinite, kRatioFloat, kRatioDouble, kDirect };
-
+// How a row is computed: its ranges, and its path (pair_math.h's choose_row_path).
 struct RowPlan {
   Range rs, rt;
-  Path path;
+  RowPath path;
+  bool small() const { return path == RowPath::kFloatSmall || path == RowPath::kDoubleSmall; }
+  bool in_float() const { return path == RowPath::kFloatSmall || path == RowPath::kFloatRatio; }
 };
 
 template <typename scalar_t, typename acc_t>
 RowPlan plan_row(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard) {
-  RowPlan plan{row_range(s, c), row_range(t, c), Path::kDirect};
-  if (!plan.rs.finite || !plan.rt.finite) {  // docs/contract.md: a non-finite logit makes its row NaN
-    plan.path = Path::kNonFinite;
-    return plan;
-  }
-  const double spread = k * std::max(plan.rs.spread(), hard ? 0.0 : plan.rt.spread());
-  constexpr bool kFloatCompute = !std::is_same<acc_t, double>::value;
-  if (kFloatCompute && spread <= RatioLimits<float>::max_spread) {
-    plan.path = Path::kRatioFloat;
-  } else if (spread <= RatioLimits<double>::max_spread) {
-    plan.path = Path::kRatioDouble;
-  }
+  RowPlan plan{row_range(s, c), row_range(t, c), RowPath::kDirect};
+  plan.path = choose_row_path(plan.rs.finite && plan.rt.finite, k, plan.rs.spread(),
+                              plan.rt.spread(), hard, !std::is_same<acc_t, double>::value);
   return plan;
 }
 
-// Fills a thread's weight buffers with one row: exp(2k (x - centre)) for the ratio form (for a hard
-// teacher, the teacher logits themselves), the logits for the direct form; padded with ones.
+// Fills a thread's weight buffers with one row: exp(2k (x - centre)) for the ratio form, expm1 of
+// the same for the small-spread form (for a hard teacher, the teacher logits themselves), the
+// logits for the direct form; padded with the weight of a zero argument (finite, and masked out).
 template <typename T, typename scalar_t>
 void load_row(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard,
               const RowPlan& plan, RowBuffers<T>& buf) {
-  const bool direct = plan.path == Path::kDirect;
+  const bool direct = plan.path == RowPath::kDirect, small = plan.small();
   const double two_k = 2.0 * k;
+  // The argument is rounded to T first, as on the GPU.
+  auto weight = [&](double x, double centre) {
+    const T arg = T(two_k * (x - centre));
+    return small ? T(std::expm1(arg)) : T(std::exp(arg));
+  };
   for (int64_t i = 0; i < c; ++i) {
     const double x = static_cast<double>(s[i]), y = static_cast<double>(t[i]);
-    buf.student[i] = direct ? T(x) : T(std::exp(T(two_k * (x - plan.rs.centre()))));
-    buf.teacher[i] = (direct || hard) ? T(y) : T(std::exp(T(two_k * (y - plan.rt.centre()))));
+    buf.student[i] = direct ? T(x) : weight(x, plan.rs.centre());
+    buf.teacher[i] = (direct || hard) ? T(y) : weight(y, plan.rt.centre());
   }
-  std::fill(buf.student.begin() + c, buf.student.end(), T(1));
-  std::fill(buf.teacher.begin() + c, buf.teacher.end(), T(1));
+  const T padding = small ? T(0) : T(1);
+  std::fill(buf.student.begin() + c, buf.student.end(), padding);
+  std::fill(buf.teacher.begin() + c, buf.teacher.end(), padding);
+}
+
+// The fast path's loop for one chunk, with the gradients asked for compiled in.
+template <typename T, bool kSmall>
+T weighted_chunk(const T* a, const T* b, int64_t c, int64_t i_begin, int64_t i_end, bool hard,
+                 bool want_s, bool want_t, T* gs, T* gt) {
+  return hard ? (want_s ? ratio_row<T, kSmall, true, true, false>(a, b, c, i_begin, i_end, gs, gt)
+                        : ratio_row<T, kSmall, true, false, false>(a, b, c, i_begin, i_end, gs, gt))
+       : want_t ? (want_s ? ratio_row<T, kSmall, false, true, true>(a, b, c, i_begin, i_end, gs, gt)
+                          : ratio_row<T, kSmall, false, false, true>(a, b, c, i_begin, i_end, gs, gt))
+                : (want_s ? ratio_row<T, kSmall, false, true, false>(a, b, c, i_begin, i_end, gs, gt)
+                          : ratio_row<T, kSmall, false, false, false>(a, b, c, i_begin, i_end, gs, gt));
 }
 
 // One chunk of the row in the weight buffers: its unscaled sums, tau returned, the gradient sums
@@ -285,20 +322,17 @@ double chunk_sums(int64_t c, double k, bool hard, const RowPlan& plan, int64_t i
   // compiler drops their multiplies, loads and stores.
   const bool want_s = gs_out != nullptr, want_t = gt_out != nullptr && !hard;
   T tau;
-  if (plan.path == Path::kDirect) {
+  if (plan.path == RowPath::kDirect) {
     if constexpr (std::is_same<T, double>::value) {
       tau = hard ? direct_row<true>(a, b, c, i_begin, i_end, k, gs, gt)
                  : direct_row<false>(a, b, c, i_begin, i_end, k, gs, gt);
     } else {
       TORCH_CHECK(false, "rkkd: the direct path computes in double");
     }
+  } else if (plan.small()) {
+    tau = weighted_chunk<T, true>(a, b, c, i_begin, i_end, hard, want_s, want_t, gs, gt);
   } else {
-    tau = hard ? (want_s ? ratio_row<T, true, true, false>(a, b, c, i_begin, i_end, gs, gt)
-                         : ratio_row<T, true, false, false>(a, b, c, i_begin, i_end, gs, gt))
-        : want_t ? (want_s ? ratio_row<T, false, true, true>(a, b, c, i_begin, i_end, gs, gt)
-                           : ratio_row<T, false, false, true>(a, b, c, i_begin, i_end, gs, gt))
-                 : (want_s ? ratio_row<T, false, true, false>(a, b, c, i_begin, i_end, gs, gt)
-                           : ratio_row<T, false, false, false>(a, b, c, i_begin, i_end, gs, gt));
+    tau = weighted_chunk<T, false>(a, b, c, i_begin, i_end, hard, want_s, want_t, gs, gt);
   }
   if (gs_out) std::copy(gs, gs + c, gs_out);
   if (gt_out) std::copy(gt, gt + c, gt_out);
@@ -316,7 +350,7 @@ struct ThreadBuffers {
   template <typename scalar_t>
   void load(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard,
             const RowPlan& plan) {
-    if (plan.path == Path::kRatioFloat) {
+    if (plan.in_float()) {
       if (f.student.empty()) f.resize(padded);
       load_row(s, t, c, k, hard, plan, f);
     } else {
@@ -327,7 +361,7 @@ struct ThreadBuffers {
 
   double chunk(int64_t c, double k, bool hard, const RowPlan& plan, int64_t i_begin,
                int64_t i_end, double* gs, double* gt) {
-    return plan.path == Path::kRatioFloat
+    return plan.in_float()
                ? chunk_sums(c, k, hard, plan, i_begin, i_end, f, gs, gt)
                : chunk_sums(c, k, hard, plan, i_begin, i_end, d, gs, gt);
   }
@@ -338,7 +372,7 @@ template <typename acc_t>
 void finish_row(int64_t c, double k, bool hard, const RowPlan& plan, int64_t n,
                 const double* taus, const double* gs_parts, const double* gt_parts, acc_t* loss,
                 acc_t* grad_s, acc_t* grad_t) {
-  if (plan.path == Path::kNonFinite) {
+  if (plan.path == RowPath::kNonFinite) {
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     *loss = nan;
     if (grad_s) std::fill(grad_s, grad_s + c, nan);
@@ -395,7 +429,7 @@ void kendall_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t c,
         const scalar_t* t_row = t + r * c;
         const RowPlan plan = plan_row<scalar_t, acc_t>(s_row, t_row, c, k, hard);
         auto [taus, gs, gt] = row_parts(store, 0);
-        if (plan.path != Path::kNonFinite) {
+        if (plan.path != RowPath::kNonFinite) {
           buffers.load(s_row, t_row, c, k, hard, plan);
           for (int64_t m = 0; m < n; ++m) {
             taus[m] = buffers.chunk(c, k, hard, plan, chunk_start(c, m, n), chunk_start(c, m + 1, n),
@@ -422,7 +456,7 @@ void kendall_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t c,
       ThreadBuffers buffers(c);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t g = item / n, m = item % n;
-        if (plans[g].path == Path::kNonFinite) continue;
+        if (plans[g].path == RowPath::kNonFinite) continue;
         auto [taus, gs, gt] = row_parts(store, g);
         // Each piece may land on another thread: each loads its row (O(C) beside O(C^2 / n)).
         buffers.load(s + (first + g) * c, t + (first + g) * c, c, k, hard, plans[g]);

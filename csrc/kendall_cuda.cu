@@ -2,8 +2,9 @@
 // the pair math of pair_math.h (the same paths and thresholds as kendall_cpu.cpp).
 //
 // Launches, all on the current stream, none waiting on the host:
-//   1. plan_rows: per row, the range of student and teacher -> which path (float ratio form,
-//      double ratio form, direct tanh in double, or a NaN row) and the centres of the ratio form.
+//   1. plan_rows: per row, the range of student and teacher -> which path (pair_math.h's
+//      choose_row_path: small-spread or ratio form in float or double, direct tanh in double, or a
+//      NaN row) and the row centres of the weights.
 //   2. pair_sums, once per path: rows of other paths return at once. The row's channels are cut
 //      into tiles of kTile, its unordered pairs into tile pairs (I, J) with I <= J, and each row
 //      gets `splits` blocks, which deal the tile pairs out in snake order (0 1 2 2 1 0 0 1 ...;
@@ -12,7 +13,8 @@
 //      (splits x C per row and gradient). No address is written by two blocks, so there are no
 //      atomics, and every sum is taken in one fixed order: results are bitwise reproducible.
 //   3. finish_rows: adds the slices of each channel in slice order, scales, writes loss and
-//      gradients in the accumulation dtype (NaN rows written here).
+//      gradients in the accumulation dtype. NaN rows are written here without reading their
+//      scratch, which no pair_sums launch writes (it would be uninitialised memory).
 // Extra memory: the plan (rows) and the scratch, rows x splits x C per gradient with splits at
 // most kMaxSplits: O(rows x C), never rows x C x C.
 //
@@ -56,13 +58,11 @@ constexpr int64_t kScratchSoftLimit = int64_t(64) << 20;  // bytes; see choose_s
 constexpr int kPlanThreads = 256;
 constexpr int kFinishThreads = 256;
 
-// How a row is computed; chosen on the device by plan_rows, exactly as the CPU kernel chooses.
-enum RowPath : int32_t { kNonFinite = 0, kFloatRatio = 1, kDoubleRatio = 2, kDirect = 3 };
-
+// How a row is computed; chosen on the device by plan_rows with the CPU kernel's rule.
 struct RowPlan {
   double centre_s;  // (max + min) / 2 of the student row
   double centre_t;  // of the teacher row
-  int32_t path;     // a RowPath
+  RowPath path;     // int32_t
   int32_t unused;
 };
 
@@ -71,29 +71,38 @@ struct RowPlan {
 
 __device__ __forceinline__ float exp_of(float x) { return expf(x); }
 __device__ __forceinline__ double exp_of(double x) { return exp(x); }
+__device__ __forceinline__ float expm1_of(float x) { return expm1f(x); }
+__device__ __forceinline__ double expm1_of(double x) { return expm1(x); }
 
-// Ratio form: a = exp(2k (x - centre)), the argument rounded to T first as on the CPU; for a hard
-// teacher the teacher keeps its logits (only the sign of differences is used).
-template <typename T>
+// Ratio form (kSmall false): a = exp(2k (x - centre)); small-spread form (kSmall): e = expm1 of the
+// same. The argument is rounded to T first as on the CPU; for a hard teacher the teacher keeps its
+// logits (only the sign of differences is used).
+template <typename T, bool kSmall = false>
 struct RatioPath {
   using value_t = T;
-  static constexpr int32_t kPath = std::is_same<T, float>::value ? kFloatRatio : kDoubleRatio;
+  static constexpr bool kFloat = std::is_same<T, float>::value;
+  static constexpr RowPath kPath = kSmall ? (kFloat ? RowPath::kFloatSmall : RowPath::kDoubleSmall)
+                                          : (kFloat ? RowPath::kFloatRatio : RowPath::kDoubleRatio);
   // float registers allow 8 blocks of 128 threads per SM; double needs more registers.
-  static constexpr int kMinBlocksPerSM = std::is_same<T, float>::value ? 8 : 4;
+  static constexpr int kMinBlocksPerSM = kFloat ? 8 : 4;
   static __device__ __forceinline__ T value(double x, double two_k, double centre, bool keep_logit) {
-    return keep_logit ? T(x) : exp_of(T(two_k * (x - centre)));
+    if (keep_logit) return T(x);
+    const T arg = T(two_k * (x - centre));
+    return kSmall ? expm1_of(arg) : exp_of(arg);
   }
-  // Padding past C: any finite value (pairs with it are masked out).
-  static __device__ __forceinline__ T padding() { return T(1); }
+  // Padding past C: the weight of a zero argument, finite (pairs with it are masked out).
+  static __device__ __forceinline__ T padding() { return kSmall ? T(0) : T(1); }
   static __device__ __forceinline__ TanhPair<T> tanh_of(T x_i, T x_j, double /*k*/) {
-    return tanh_from_ratio(x_i, x_j);
+    return kSmall ? tanh_from_expm1(x_i, x_j) : tanh_from_ratio(x_i, x_j);
   }
 };
+template <typename T>
+using SmallSpreadPath = RatioPath<T, true>;
 
 // The guarded path for rows whose spread overflows the ratio form: tanh of each pair, in double.
 struct DirectPath {
   using value_t = double;
-  static constexpr int32_t kPath = kDirect;
+  static constexpr RowPath kPath = RowPath::kDirect;
   static constexpr int kMinBlocksPerSM = 4;
   static __device__ __forceinline__ double value(double x, double, double, bool) { return x; }
   static __device__ __forceinline__ double padding() { return 0.0; }
@@ -168,21 +177,10 @@ __global__ void __launch_bounds__(kPlanThreads)
     lo_t = fmin(lo_t, partial[2][w]);
     hi_t = fmax(hi_t, partial[3][w]);
   }
-  RowPlan plan{0.5 * (double(hi_s) + double(lo_s)), 0.5 * (double(hi_t) + double(lo_t)),
-               kNonFinite, 0};
-  if (finite) {  // docs/contract.md: a non-finite logit makes its row NaN
-    const double spread_s = double(hi_s) - double(lo_s);
-    const double spread_t = hard ? 0.0 : double(hi_t) - double(lo_t);
-    const double spread = k * (spread_s > spread_t ? spread_s : spread_t);
-    constexpr bool kFloatCompute = !std::is_same<acc_t, double>::value;
-    if (kFloatCompute && spread <= RatioLimits<float>::max_spread)
-      plan.path = kFloatRatio;
-    else if (spread <= RatioLimits<double>::max_spread)
-      plan.path = kDoubleRatio;
-    else
-      plan.path = kDirect;
-  }
-  plans[row] = plan;
+  const RowPath path = choose_row_path(finite, k, double(hi_s) - double(lo_s),
+                                       double(hi_t) - double(lo_t), hard,
+                                       !std::is_same<acc_t, double>::value);
+  plans[row] = RowPlan{row_centre(lo_s, hi_s), row_centre(lo_t, hi_t), path, 0};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -434,7 +432,7 @@ __global__ void __launch_bounds__(kFinishThreads)
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int64_t r = first; r < rows; r += stride) {
-    if (plans[r].path == kNonFinite) {
+    if (plans[r].path == RowPath::kNonFinite) {
       loss[r] = nan;
       continue;
     }
@@ -445,20 +443,24 @@ __global__ void __launch_bounds__(kFinishThreads)
   if (grad_s == nullptr && grad_t == nullptr) return;
   for (int64_t x = first; x < rows * c; x += stride) {
     const int64_t r = x / c, channel = x % c;
-    const bool nan_row = plans[r].path == kNonFinite;
+    if (plans[r].path == RowPath::kNonFinite) {  // its scratch was never written: not read
+      if (grad_s != nullptr) grad_s[x] = nan;
+      if (grad_t != nullptr) grad_t[x] = hard ? acc_t(0) : nan;  // a hard teacher's stays zero
+      continue;
+    }
     const acc_t* sums = scratch + r * splits * sums_per_row * c + channel;
     if (grad_s != nullptr) {
       acc_t total = acc_t(0);
       for (int b = 0; b < splits; ++b) total += sums[b * sums_per_row * c];
-      grad_s[x] = nan_row ? nan : acc_t(scale.grad_scale * double(total));
+      grad_s[x] = acc_t(scale.grad_scale * double(total));
     }
     if (grad_t != nullptr) {
-      if (hard) {  // the hard teacher's gradient is identically zero, NaN rows included
+      if (hard) {  // the hard teacher's gradient is identically zero
         grad_t[x] = acc_t(0);
       } else {
         acc_t total = acc_t(0);
         for (int b = 0; b < splits; ++b) total += sums[b * sums_per_row * c + c];
-        grad_t[x] = nan_row ? nan : acc_t(scale.grad_scale * double(total));
+        grad_t[x] = acc_t(scale.grad_scale * double(total));
       }
     }
   }
@@ -563,9 +565,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cuda(const at::Tensor& st
                         sums_per_row, scratch.data_ptr(), tau_scratch.data_ptr()};
     if constexpr (std::is_same<acc_t, float>::value) {
       launch_path<scalar_t, acc_t, RatioPath<float>, true>(launch, s_ptr, t_ptr, hard_teacher, keep_gt);
+      launch_path<scalar_t, acc_t, SmallSpreadPath<float>, false>(launch, s_ptr, t_ptr, hard_teacher, keep_gt);
       launch_path<scalar_t, acc_t, RatioPath<double>, false>(launch, s_ptr, t_ptr, hard_teacher, keep_gt);
     } else {
       launch_path<scalar_t, acc_t, RatioPath<double>, true>(launch, s_ptr, t_ptr, hard_teacher, keep_gt);
+      launch_path<scalar_t, acc_t, SmallSpreadPath<double>, false>(launch, s_ptr, t_ptr, hard_teacher, keep_gt);
     }
     launch_path<scalar_t, acc_t, DirectPath, false>(launch, s_ptr, t_ptr, hard_teacher, keep_gt);
 

@@ -9,12 +9,17 @@
 // computed once per unordered pair (i < j): i adds them, j subtracts them (the summand is
 // antisymmetric in the derivative), so each pair is visited once.
 //
-// Two ways to get tanh of a pair, both returning tanh and (1 - tanh^2) / 4:
+// Three ways to get tanh of a pair, each returning tanh and (1 - tanh^2) / 4; choose_row_path
+// below picks one per row from k R, R = max - min of the row:
 // - the ratio form, used on almost every row: with a_i = exp(2 k (x_i - c)) computed once per
 //   element, tanh(k (x_i - x_j)) = (a_i - a_j) / (a_i + a_j): one reciprocal per pair, no exp.
-//   The row centre c = (max + min) / 2 keeps every a_i in [exp(-k R), exp(k R)], R = max - min, so
-//   the form is exact while k R stays under RatioLimits<T>::max_spread;
-// - the direct form tanh(k (x_i - x_j)), for rows beyond that (the guarded slow path).
+//   The row centre c = (max + min) / 2 keeps every a_i in [exp(-k R), exp(k R)], so the form has
+//   no overflow while k R stays under RatioLimits<T>::max_spread. Its tanh is exact to a few ulps
+//   of 1, not of tanh itself: where k R is small, a_i - a_j is the difference of two numbers near 1;
+// - the small-spread form, for rows of k R <= kSmallSpreadMax: with e_i = expm1(2 k (x_i - c)),
+//   tanh = (e_i - e_j) / (e_i + e_j + 2), exact relative to the row's largest tanh however small k
+//   is. Only there: e_i near -1 (large spreads) would lose 1 + e_i to cancellation;
+// - the direct form tanh(k (x_i - x_j)), for rows beyond the ratio form (the guarded slow path).
 #pragma once
 
 #include <cmath>
@@ -68,6 +73,39 @@ struct Arith<float> {
 };
 #endif
 
+// The largest k * (max - min) of a row that takes the small-spread form: every e_i then lies in
+// [expm1(-1), expm1(1)], so 1 + e_i is in [1/e, e] and keeps its relative precision.
+constexpr double kSmallSpreadMax = 1.0;
+
+// How a row is computed: the one rule, for every kernel (the Triton kernel, which cannot include
+// this file, keeps a copy that cites it).
+enum class RowPath : int32_t {
+  kNonFinite = 0,  // a logit is NaN or infinite: the row's loss and gradients are NaN
+  kFloatSmall,     // small-spread form, in float
+  kFloatRatio,     // ratio form, in float
+  kDoubleSmall,    // small-spread form, in double
+  kDoubleRatio,    // ratio form, in double
+  kDirect,         // direct form, in double
+};
+
+// k_spread = k * max(R_student, R_teacher); a hard teacher's spread does not count (its weights
+// are signs). float_compute: the accumulation type is float (float, half and bfloat16 inputs).
+// A float row whose spread overflows the float ratio form is computed in double.
+RKKD_HOST_DEVICE RowPath choose_row_path(bool finite, double k, double spread_student,
+                                         double spread_teacher, bool hard, bool float_compute) {
+  if (!finite) return RowPath::kNonFinite;
+  const double k_spread =
+      k * (hard || spread_student >= spread_teacher ? spread_student : spread_teacher);
+  if (k_spread <= kSmallSpreadMax) return float_compute ? RowPath::kFloatSmall : RowPath::kDoubleSmall;
+  if (float_compute && k_spread <= RatioLimits<float>::max_spread) return RowPath::kFloatRatio;
+  if (k_spread <= RatioLimits<double>::max_spread) return RowPath::kDoubleRatio;
+  return RowPath::kDirect;
+}
+
+// The centre (max + min) / 2 of a row, halves first: hi + lo overflows for rows near the type's
+// largest value (1.7e308 + 1.69e308 is inf in double).
+RKKD_HOST_DEVICE double row_centre(double lo, double hi) { return 0.5 * hi + 0.5 * lo; }
+
 template <typename T>
 struct TanhPair {
   T tanh;           // tanh(k (x_i - x_j))
@@ -82,6 +120,15 @@ RKKD_HOST_DEVICE TanhPair<T> tanh_from_ratio(T a_i, T a_j) {
   const T p = a_i * inv;
   const T q = a_j * inv;
   return {p - q, p * q};
+}
+
+// Small-spread form: e = expm1(2k (x - centre)). The rows that take it have |tanh| <= tanh(1), so
+// 1 - tanh^2 >= 0.41 has no cancellation. `e_i + e_j + 2` works on SIMD vectors as on scalars.
+template <typename T>
+RKKD_HOST_DEVICE TanhPair<T> tanh_from_expm1(T e_i, T e_j) {
+  const T inv = Arith<T>::reciprocal(e_i + e_j + 2);
+  const T th = (e_i - e_j) * inv;
+  return {th, (1 - th * th) * 0.25f};
 }
 
 // Direct form, for the guarded path: x = k (x_i - x_j).

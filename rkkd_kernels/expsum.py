@@ -70,7 +70,7 @@ from typing import Tuple
 import torch
 
 from . import ops
-from .reference import accumulation_dtype
+from .dtypes import accumulation_dtype
 
 METHODS = ("auto", "pairs", "expsum")
 OP_NAME = "rkkd::kendall_expsum"

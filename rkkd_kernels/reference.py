@@ -11,6 +11,12 @@ import torch
 from .dtypes import accumulation_dtype
 
 
+def _row_centre(x: torch.Tensor) -> torch.Tensor:
+    """0.5 * max + 0.5 * min of each row, detached (NaN for a row holding a NaN)."""
+    x = x.detach()
+    return 0.5 * x.amax(-1, keepdim=True) + 0.5 * x.amin(-1, keepdim=True)
+
+
 def kendall_reference_rows(
     student: torch.Tensor, teacher: torch.Tensor, k: float, hard_teacher: bool = False
 ) -> torch.Tensor:
@@ -23,10 +29,12 @@ def kendall_reference_rows(
     acc = accumulation_dtype(student.dtype)
     s = student.to(acc)
     t = teacher.to(acc)
-    # Subtracting the row mean changes nothing mathematically (the loss is shift invariant), but a
-    # non-finite logit then turns its whole row, loss and gradients, into NaN as docs/contract.md requires.
-    s = s - s.mean(-1, keepdim=True)
-    t = t - t.mean(-1, keepdim=True)
+    # Subtracting the row centre changes nothing mathematically (the loss is shift invariant), but a
+    # non-finite logit then turns its whole row, loss and gradients, into NaN (docs/contract.md).
+    # The centre (max + min) / 2 with halves first, as in the kernels: a mean, or max + min, would
+    # overflow for rows near the dtype's largest value. Detached: a shift carries no gradient.
+    s = s - _row_centre(s)
+    t = t - _row_centre(t)
     c = s.shape[-1]
     pairs = c * (c - 1) / 2
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import expsum, ops
-from .reference import accumulation_dtype
+from .dtypes import accumulation_dtype
 
 OP_NAME = "rkkd::kendall_expsum_triton"
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"

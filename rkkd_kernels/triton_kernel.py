@@ -35,11 +35,15 @@ a_i = exp(2k (x_i - c)) (one exp per element and tile, not per pair):
     tanh(k (x_i - x_j)) = p - q,   (1 - tanh^2) / 4 = p * q,   p = a_i / (a_i + a_j), q = a_j / (a_i + a_j)
 
 One division per pair and tensor, no cancellation where tanh saturates (p * q stays accurate where
-1 - tanh^2 would round to 0). It is exact while k * (max - min) <= 80 (float32) or 700 (float64),
-where every a_i is a normal number and a_i + a_j cannot overflow. Rows beyond that take the direct
-form, tanh(d) = sign(d) (1 - e) / (1 + e) with e = exp(-2|d|) in (0, 1], which cannot overflow
-either; the choice is one uniform branch per row, taken inside the kernel (no host sync). This is
-the same split as the CPU kernel (csrc/pair_math.h). The ratio form is also what makes the GPU fast:
+1 - tanh^2 would round to 0). It has no overflow while k * (max - min) <= 80 (float32) or 700
+(float64), where every a_i is a normal number and a_i + a_j cannot overflow. Its tanh is exact to
+ulps of 1, though, not of tanh: rows of k * (max - min) <= 1 take the small-spread form instead,
+e_i = expm1(2k (x_i - c)) and tanh = (e_i - e_j) / (e_i + e_j + 2), exact relative to the row's
+largest tanh for any k > 0 (expm1 is a series here: Triton has no expm1). Rows beyond the ratio form
+take the direct form, tanh(d) = sign(d) (1 - e) / (1 + e) with e = exp(-2|d|) in (0, 1], which
+cannot overflow either; the choice is one uniform branch per row, taken inside the kernel (no host
+sync): the rule of choose_row_path in csrc/pair_math.h (see _row_form). The ratio form is also what
+makes the GPU fast:
 one reciprocal per pair and tensor (rcp.approx.ftz.f32, 1 ulp, for float32 on the GPU), and one
 exp2 per element and tile, with 2k / ln 2 folded into a per-row scale; no libdevice tanh, and none
 of tanh.approx's 2^-11 error. The interpreter, which has no libdevice, runs the same code with an
@@ -54,6 +58,7 @@ zero gradient stays zero).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -78,6 +83,13 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Largest k * (max - min) of a row that the ratio form serves exactly (see csrc/pair_math.h).
 RATIO_MAX_SPREAD = {torch.float32: 80.0, torch.float64: 700.0}
+# Largest k * (max - min) of a row that takes the small-spread form (kSmallSpreadMax there).
+SMALL_SPREAD_MAX = 1.0
+
+# How a row's pairs are computed (constexpr FORM of the pair functions).
+FORM_SMALL: tl.constexpr = tl.constexpr(0)  # e = expm1(2k (x - centre)), tanh from e_i, e_j
+FORM_RATIO: tl.constexpr = tl.constexpr(1)  # a = exp(2k (x - centre)), tanh from a_i, a_j
+FORM_DIRECT: tl.constexpr = tl.constexpr(2)  # the logits themselves, tanh of each difference
 
 # At most this many programs share one row (the finalize kernel adds their partial rows).
 MAX_SPLITS = 64
@@ -88,6 +100,12 @@ MIN_COLUMNS_PER_SPLIT = 16 if INTERPRETING else 128
 INTERPRETER_PROGRAMS = 4
 
 FINALIZE_BLOCK = 16 if INTERPRETING else 1024
+# The most rows one call takes: the pair kernel's grid puts rows on axis 0 (at most 2^31 - 1).
+MAX_ROWS = 2**31 - 1
+# The k range: k arrives as two float32 halves (see _float32_halves), whose low half must stay a
+# normal float32 (k * 2^-24 >= 2^-126) for ~48 bits of k; below float32's range k would be 0.
+MIN_K = 2.0**-100
+MAX_K = 1.0e38
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,22 +130,31 @@ def _reciprocal(x, FAST_RCP: tl.constexpr):
 
 
 @triton.jit
-def _tanh_pair(u_i, u_j, exp2_scale, RATIO: tl.constexpr, FAST_RCP: tl.constexpr):
-    """tanh(k (x_i - x_j)) and (1 - tanh^2) / 4 of a tile of pairs; exp2_scale = 2k / ln 2.
+def _tanh_pair(u_i, u_j, two_k, exp2_scale, FORM: tl.constexpr, FAST_RCP: tl.constexpr):
+    """tanh(k (x_i - x_j)) and (1 - tanh^2) / 4 of a tile of pairs; two_k = 2k, exp2_scale = 2k / ln 2.
 
-    RATIO: u = exp(2k (x - centre)) and the ratio form; else u = x and the direct form.
+    u are the weights of _weights: expm1 (FORM_SMALL), exp (FORM_RATIO) or the logits (FORM_DIRECT).
     """
-    if RATIO:
+    if FORM == FORM_SMALL:
+        # |tanh| <= tanh(1) on these rows: 1 - tanh^2 >= 0.41, no cancellation.
+        inv = _reciprocal(u_i + u_j + 2.0, FAST_RCP)
+        th = (u_i - u_j) * inv
+        quarter_sech2 = 0.25 - 0.25 * th * th
+    elif FORM == FORM_RATIO:
         inv = _reciprocal(u_i + u_j, FAST_RCP)
         p = u_i * inv
         q = u_j * inv
         th = p - q
         quarter_sech2 = p * q
     else:
+        # tanh|z| = -m / (2 + m), m = expm1(-2|z|), exact for small |z| too (1 - exp(-2|z|) would
+        # cancel there); (1 - tanh^2) / 4 = e / (1 + e)^2 with e = exp(-2|z|) in (0, 1], which
+        # does not overflow, and is 0 where tanh saturates.
         d = u_i - u_j
-        e = tl.exp2(-exp2_scale * tl.abs(d))  # exp(-2k|d|) in (0, 1]; 0 where tanh saturates
+        e = tl.exp2(-exp2_scale * tl.abs(d))
+        m = _expm1(-two_k * tl.abs(d))
         inv = 1.0 / (1.0 + e)
-        th = (1.0 - e) * inv
+        th = -m * inv
         th = tl.where(d < 0, -th, th)
         quarter_sech2 = e * inv * inv
     return th, quarter_sech2
@@ -148,16 +175,49 @@ def _load_tile(row_ptr, offs, C, centre, ACC: tl.constexpr):
 
 
 @triton.jit
-def _ratio_weights(x, centre, exp2_scale, RATIO: tl.constexpr):
-    """exp(2k (x - centre)) for the ratio form; x itself for the direct form.
+def _expm1(x):
+    """expm1(x) to a few ulps in float32 and float64: Triton has no expm1, the interpreter no
+    libdevice.
+
+    |x| < 1/2: the Taylor series x (1 + x/2 (1 + x/3 (1 + ... (1 + x/N)))), whose remainder is
+    below 0.5^N / (N + 1)! of x: N = 8 for float32 (1e-8), 14 for float64 (5e-17). The factors 1/n
+    are divisions of a 1 in x's dtype, one per tile (a float literal 1/n would be rounded to float32
+    even for float64). Elsewhere exp(x) - 1, where the subtraction costs at most a bit or two.
+    """
+    small = tl.abs(x) < 0.5
+    one = tl.sum(tl.full([1], 1.0, x.dtype), axis=0)
+    r = x * 0.0 + 1.0
+    if x.dtype == tl.float64:
+        for n in tl.static_range(14, 1, -1):
+            r = 1.0 + x * r * (one / n)
+    else:
+        for n in tl.static_range(8, 1, -1):
+            r = 1.0 + x * r * (one / n)
+    return tl.where(small, x * r, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _weights(x, centre, two_k, exp2_scale, FORM: tl.constexpr):
+    """The weights of _tanh_pair: expm1(2k (x - centre)), exp(2k (x - centre)) or x itself.
 
     exp2 with 2k / ln 2 folded into one per-row scale: one rounding fewer than exp's own x * log2 e.
     """
-    if RATIO:
+    if FORM == FORM_SMALL:
+        u = _expm1(two_k * (x - centre))
+    elif FORM == FORM_RATIO:
         u = tl.exp2(exp2_scale * (x - centre))
     else:
         u = x
     return u
+
+
+@triton.jit
+def _row_form(spread, ratio_limit):
+    """FORM of a row of finite logits from k * max(spread of student, of teacher): the rule of
+    choose_row_path in csrc/pair_math.h, less its double ratio form (a float32 row beyond the float
+    ratio form takes the direct form here, in float32, which cannot overflow)."""
+    return tl.where(spread <= 1.0, FORM_SMALL,  # 1.0: SMALL_SPREAD_MAX
+                    tl.where(spread <= ratio_limit, FORM_RATIO, FORM_DIRECT))
 
 
 @triton.jit
@@ -196,9 +256,9 @@ def _row_range(row_ptr, C, ACC: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _tile_pair(
     us_i, ut_i, cols_i, tj, tau_acc, gs_acc, gt_acc,
-    s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, exp2_scale,
+    s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, two_k, exp2_scale,
     ACC: tl.constexpr, HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
-    RATIO: tl.constexpr, MASKED: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
+    FORM: tl.constexpr, MASKED: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One tile (ti, tj) of pairs: i-side terms into the register tiles, j-side into the row.
 
@@ -206,15 +266,15 @@ def _tile_pair(
     tiles skip the per-pair mask.
     """
     cols_j = tj * BLOCK + tl.arange(0, BLOCK)
-    us_j = _ratio_weights(_load_tile(s_row, cols_j, C, s_centre, ACC), s_centre, exp2_scale, RATIO)
+    us_j = _weights(_load_tile(s_row, cols_j, C, s_centre, ACC), s_centre, two_k, exp2_scale, FORM)
     ut_j = _load_tile(t_row, cols_j, C, t_centre, ACC)
-    th_s, qs_s = _tanh_pair(us_i[:, None], us_j[None, :], exp2_scale, RATIO, FAST_RCP)
+    th_s, qs_s = _tanh_pair(us_i[:, None], us_j[None, :], two_k, exp2_scale, FORM, FAST_RCP)
     if HARD:
         w = _sign(ut_i[:, None] - ut_j[None, :])
         qs_t = w  # unused: a hard teacher has no gradient
     else:
-        ut_j = _ratio_weights(ut_j, t_centre, exp2_scale, RATIO)
-        w, qs_t = _tanh_pair(ut_i[:, None], ut_j[None, :], exp2_scale, RATIO, FAST_RCP)
+        ut_j = _weights(ut_j, t_centre, two_k, exp2_scale, FORM)
+        w, qs_t = _tanh_pair(ut_i[:, None], ut_j[None, :], two_k, exp2_scale, FORM, FAST_RCP)
     if MASKED:
         # j > i also drops every lane past C on the i side (j < C <= i there).
         valid = (cols_j[None, :] > cols_i[:, None]) & (cols_j[None, :] < C)
@@ -235,9 +295,9 @@ def _tile_pair(
 @triton.jit
 def _tile_row(
     s_row, t_row, gs_row, gt_row, ti, C,
-    s_centre, t_centre, exp2_scale,
+    s_centre, t_centre, two_k, exp2_scale,
     ACC: tl.constexpr, HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
-    RATIO: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
+    FORM: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Tiles (ti, tj), tj = ti .. n_tiles-1, of one row; returns their share of P * tau.
 
@@ -246,10 +306,10 @@ def _tile_row(
     sums go in at each tile tj as it is done.
     """
     cols_i = ti * BLOCK + tl.arange(0, BLOCK)
-    us_i = _ratio_weights(_load_tile(s_row, cols_i, C, s_centre, ACC), s_centre, exp2_scale, RATIO)
+    us_i = _weights(_load_tile(s_row, cols_i, C, s_centre, ACC), s_centre, two_k, exp2_scale, FORM)
     ut_i = _load_tile(t_row, cols_i, C, t_centre, ACC)
     if not HARD:
-        ut_i = _ratio_weights(ut_i, t_centre, exp2_scale, RATIO)
+        ut_i = _weights(ut_i, t_centre, two_k, exp2_scale, FORM)
     tau_acc = tl.zeros([BLOCK, BLOCK], ACC)
     gs_acc = tl.zeros([BLOCK, BLOCK], ACC)
     gt_acc = tl.zeros([BLOCK, BLOCK], ACC)
@@ -257,18 +317,18 @@ def _tile_row(
     n_full_tiles = C // BLOCK
     tau_acc, gs_acc, gt_acc = _tile_pair(
         us_i, ut_i, cols_i, ti, tau_acc, gs_acc, gt_acc,
-        s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, exp2_scale,
-        ACC, HARD, NEED_GS, NEED_GT, RATIO, True, FAST_RCP, BLOCK)
+        s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, two_k, exp2_scale,
+        ACC, HARD, NEED_GS, NEED_GT, FORM, True, FAST_RCP, BLOCK)
     for tj in range(ti + 1, n_full_tiles):
         tau_acc, gs_acc, gt_acc = _tile_pair(
             us_i, ut_i, cols_i, tj, tau_acc, gs_acc, gt_acc,
-            s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, exp2_scale,
-            ACC, HARD, NEED_GS, NEED_GT, RATIO, False, FAST_RCP, BLOCK)
+            s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, two_k, exp2_scale,
+            ACC, HARD, NEED_GS, NEED_GT, FORM, False, FAST_RCP, BLOCK)
     if (n_full_tiles < n_tiles) & (ti < n_tiles - 1):
         tau_acc, gs_acc, gt_acc = _tile_pair(
             us_i, ut_i, cols_i, n_tiles - 1, tau_acc, gs_acc, gt_acc,
-            s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, exp2_scale,
-            ACC, HARD, NEED_GS, NEED_GT, RATIO, True, FAST_RCP, BLOCK)
+            s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, two_k, exp2_scale,
+            ACC, HARD, NEED_GS, NEED_GT, FORM, True, FAST_RCP, BLOCK)
     if NEED_GS:
         _add_into(gs_row, cols_i, C, tl.sum(gs_acc, axis=1))
     if NEED_GT:
@@ -362,7 +422,8 @@ def _kendall_pairs_kernel(
     spread = k * (s_hi - s_lo)
     if not HARD:
         spread = tl.maximum(spread, k * (t_hi - t_lo))
-    use_ratio = spread <= ratio_limit
+    form = _row_form(spread, ratio_limit)
+    two_k = 2.0 * k
 
     offs = tl.arange(0, BLOCK)
     for start in range(0, C, BLOCK):
@@ -379,14 +440,18 @@ def _kendall_pairs_kernel(
         # Snake order: round r gives tiles r*S .. r*S+S-1 to splits 0..S-1, reversed on odd rounds.
         ti = rnd * n_splits + split + (rnd % 2) * (n_splits - 1 - 2 * split)
         if ti < n_tiles:
-            if use_ratio:
+            if form == FORM_RATIO:  # the usual row first
                 tau += _tile_row(s_row, t_row, gs_row, gt_row, ti, C,
-                                 s_centre, t_centre, exp2_scale,
-                                 ACC, HARD, NEED_GS, NEED_GT, True, FAST_RCP, BLOCK)
+                                 s_centre, t_centre, two_k, exp2_scale,
+                                 ACC, HARD, NEED_GS, NEED_GT, FORM_RATIO, FAST_RCP, BLOCK)
+            elif form == FORM_SMALL:
+                tau += _tile_row(s_row, t_row, gs_row, gt_row, ti, C,
+                                 s_centre, t_centre, two_k, exp2_scale,
+                                 ACC, HARD, NEED_GS, NEED_GT, FORM_SMALL, FAST_RCP, BLOCK)
             else:
                 tau += _tile_row(s_row, t_row, gs_row, gt_row, ti, C,
-                                 s_centre, t_centre, exp2_scale,
-                                 ACC, HARD, NEED_GS, NEED_GT, False, False, BLOCK)
+                                 s_centre, t_centre, two_k, exp2_scale,
+                                 ACC, HARD, NEED_GS, NEED_GT, FORM_DIRECT, False, BLOCK)
 
     c_acc = tl.sum(zero + C, axis=0)
     inv_pairs = 2.0 / (c_acc * (c_acc - 1.0))
@@ -462,13 +527,15 @@ def _kendall_finalize_kernel(
     rows, C, n_splits, k_hi, k_lo,
     NEED_GS: tl.constexpr, NEED_GT: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Program (row, column block): adds the splits' partial rows in split order, then scales.
+    """Program (column block, row): adds the splits' partial rows in split order, then scales.
 
+    Column blocks on grid axis 0 (up to 2^31 - 1; axis 1 stops at 65535): C may be long, while
+    this kernel runs only for the few rows (fewer than the SMs) that have several splits.
     A NaN tau partial marks a row with a non-finite logit: its loss and gradients become NaN.
     """
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
-    row = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
+    block = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
     zero = tl.zeros([1], ACC)
     k = tl.sum(zero + k_hi, axis=0) + tl.sum(zero + k_lo, axis=0)
     c_acc = tl.sum(zero + C, axis=0)
@@ -541,8 +608,21 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, k: float) -> Non
         raise RuntimeError(f"{OP_NAME} expects one device, got {student.device} and {teacher.device}")
     if student.shape[1] < 2:
         raise RuntimeError(f"{OP_NAME} needs C >= 2, got {student.shape[1]}")
-    if not (math.isfinite(k) and 0 < k < 1.0e38):
-        raise RuntimeError(f"{OP_NAME} needs a positive finite k below 1e38, got {k}")
+    if student.shape[0] > MAX_ROWS:  # rows go on grid axis 0, whose limit this is
+        raise RuntimeError(f"{OP_NAME} takes at most 2^31 - 1 rows, got {student.shape[0]}")
+    if not (math.isfinite(k) and MIN_K <= k < MAX_K):
+        raise RuntimeError(f"{OP_NAME} needs k in [2^-100, 1e38), got {k} (the CPU and CUDA backends "
+                           "take any positive finite k)")
+
+
+def _on_device_of(tensor: torch.Tensor):
+    """A context that makes ``tensor``'s GPU Triton's current device for the launches inside.
+
+    Triton launches on the current device and its current stream, not on the arguments' device:
+    inputs on cuda:1 while cuda:0 is current would run on the wrong GPU. Under the interpreter
+    (CPU tensors) there is no device to set.
+    """
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _launcher(kernel):
@@ -607,22 +687,23 @@ def _kendall_triton(
         rows, c, k_hi, k_lo, exp2_scale_hi, exp2_scale_lo, RATIO_MAX_SPREAD[acc],
     )
     flags = dict(HARD=bool(hard_teacher), NEED_GS=need_gs, NEED_GT=need_gt, FUSED_FINALIZE=fused)
-    if INTERPRETING:
-        block = pinned_config.kwargs["BLOCK"] if pinned_config is not None else interpreter_block(c)
-        _launcher(_kendall_pairs_kernel)[(rows, splits)](
-            *pair_args, **flags, FAST_RCP=False, BLOCK=block, num_warps=1
-        )
-    else:
-        _launcher(tuned_kernel(pinned_config))[(rows, splits)](
-            *pair_args, **flags, FAST_RCP=acc == torch.float32
-        )
-    if not fused:
-        _launcher(_kendall_finalize_kernel)[(rows, triton.cdiv(c, FINALIZE_BLOCK))](
-            loss, grad_s, grad_t, gs_scratch, gt_scratch, tau_scratch,
-            rows, c, splits, k_hi, k_lo,
-            NEED_GS=need_gs, NEED_GT=need_gt, SPLITS_POW2=triton.next_power_of_2(splits),
-            BLOCK=FINALIZE_BLOCK,
-        )
+    with _on_device_of(student):
+        if INTERPRETING:
+            block = pinned_config.kwargs["BLOCK"] if pinned_config is not None else interpreter_block(c)
+            _launcher(_kendall_pairs_kernel)[(rows, splits)](
+                *pair_args, **flags, FAST_RCP=False, BLOCK=block, num_warps=1
+            )
+        else:
+            _launcher(tuned_kernel(pinned_config))[(rows, splits)](
+                *pair_args, **flags, FAST_RCP=acc == torch.float32
+            )
+        if not fused:
+            _launcher(_kendall_finalize_kernel)[(triton.cdiv(c, FINALIZE_BLOCK), rows)](
+                loss, grad_s, grad_t, gs_scratch, gt_scratch, tau_scratch,
+                rows, c, splits, k_hi, k_lo,
+                NEED_GS=need_gs, NEED_GT=need_gt, SPLITS_POW2=triton.next_power_of_2(splits),
+                BLOCK=FINALIZE_BLOCK,
+            )
     return loss, grad_s, grad_t
 
 

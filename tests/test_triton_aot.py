@@ -4,7 +4,8 @@ The interpreter that runs the Triton tests in CI executes the kernels' Python an
 them; this runs ``python -m benchmarks.triton_aot --quick`` (every dtype and flag variant the op can
 launch, at one configuration, and the other configurations on the usual call) and requires that
 every kernel compiles and none spills registers to local memory (GPU_CONFIGS were chosen for that).
-About 40 s here with a cold Triton cache (~/.triton/cache), a few seconds with a warm one.
+About 4 min here with a cold Triton cache (~/.triton/cache; the pair kernel holds three row
+forms), a few seconds with a warm one.
 """
 
 import csv
