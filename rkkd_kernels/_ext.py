@@ -654,13 +654,19 @@ def cuda_problem() -> Optional[str]:
 
 def cpu_kernel(op: str) -> Callable:
     """A CPU kernel for ``rkkd::<op>``: the compiled op of the variant in use, loaded (or built)
-    at its first call."""
+    at its first call. After that a call costs a dict lookup (RKKD_CPU_ISA may change per call:
+    the tests run each variant)."""
+    ready: Dict[Optional[str], Callable] = {}  # RKKD_CPU_ISA's value -> the loaded op
 
     def kernel(*args):
-        isa, problem = cpu_isa()
-        if problem is not None:
-            raise RuntimeError(f"backend 'cpu' is not available: {problem}")
-        return cpu_extension(isa).op(op)(*args)
+        forced = os.environ.get("RKKD_CPU_ISA")
+        fn = ready.get(forced)
+        if fn is None:
+            isa, problem = cpu_isa()
+            if problem is not None:
+                raise RuntimeError(f"backend 'cpu' is not available: {problem}")
+            fn = ready[forced] = cpu_extension(isa).op(op)
+        return fn(*args)
 
     kernel.__name__ = f"{op}_cpu"
     return kernel

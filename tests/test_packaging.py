@@ -1,13 +1,15 @@
 """The package as a user gets it: an sdist and a wheel built with pip's defaults (build isolation,
 no torch in the build environment), each installed into a fresh virtual environment beside the
 pinned torch, used from a folder outside the checkout (the CPU kernel built on first use, against
-the reference), then uninstalled without a trace.
+the reference), then uninstalled without a trace. And a wheel with the kernels built ahead of time
+(RKKD_BUILD_EXT=1): its x86-64-v3 baseline has no AVX-512 instruction, and it loads without a build.
 
 The fresh environment sees the pinned torch (and numpy, ninja) of the environment running the
 tests through a .pth file, instead of a 5.4 GB reinstall of the same wheel: pip then finds the
 dependencies satisfied and installs only rkkd-kernels into the fresh environment.
 
-A few minutes (mostly two builds of the CPU kernel, one per install, each with an empty cache):
+A few minutes (mostly four builds of the CPU kernel: one per install, each with an empty cache, and
+the two variants of the ahead-of-time wheel):
 deselect with ``-m "not packaging"`` while working; CI runs it.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -74,7 +77,14 @@ def _clean_env(**extra):
 
 
 def _files(root):
-    return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
+    return {os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs}
+
+
+def _installed_files(python, cwd, env):
+    """The absolute paths of the files that pip recorded for rkkd-kernels."""
+    script = ("import json, importlib.metadata as m; d = m.distribution('rkkd-kernels'); "
+              "print(json.dumps([str(d.locate_file(f)) for f in d.files]))")
+    return [os.path.realpath(p) for p in json.loads(_run([python, "-c", script], cwd=cwd, env=env))]
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +141,12 @@ def test_sdist_holds_every_file_the_build_needs(dists):
 def test_install_use_uninstall(which, dists, venv, tmp_path):
     root, python = venv
     dist = dists[0] if which == "wheel" else dists[1]
-    before = _files(root)
     elsewhere = tmp_path / "elsewhere"  # outside the checkout: nothing found from the clone
     elsewhere.mkdir()
     env = _clean_env(RKKD_CACHE_DIR=str(tmp_path / "cache"))  # empty: the kernel is built now
     _run([python, "-m", "pip", "install", dist], cwd=elsewhere, env=env)
+    ours = _installed_files(python, elsewhere, env)
+    assert any(p.endswith(os.path.join("rkkd_kernels", "csrc", "pair_math.h")) for p in ours)
     used = json.loads(_run([python, "-c", USE], cwd=elsewhere, env=env).strip().splitlines()[-1])
     print(f"{which}: first call of backend='cpu' (building the kernel) {used['first_call_s']:.1f} s")
     assert used["file"].startswith(str(root)), used["file"]
@@ -145,6 +156,57 @@ def test_install_use_uninstall(which, dists, venv, tmp_path):
     report = _run([python, "-m", "rkkd_kernels"], cwd=elsewhere, env=env)
     assert "cpu        available" in report
     _run([python, "-m", "pip", "uninstall", "-y", "rkkd-kernels"], cwd=elsewhere, env=env)
-    # pip compiles its own bytecode as it runs; anything else left is ours.
-    left = sorted(p for p in _files(root) - before if "pip" not in p.split(os.sep))
-    assert left == [], f"pip uninstall left {left}"
+    # Nothing that pip installed for us, and nothing of our name (bytecode written at import, a
+    # folder left empty), stays behind; the dependencies pip may have added are not ours.
+    left = [p for p in ours if os.path.exists(p)]
+    left += [p for p in _files(root) if "rkkd" in os.path.relpath(p, root).lower()]
+    assert left == [], f"pip uninstall left {sorted(set(left))}"
+
+
+@pytest.fixture(scope="module")
+def prebuilt_wheel(tmp_path_factory):
+    """A wheel with the kernels built ahead of time (RKKD_BUILD_EXT=1), against this torch."""
+    out = tmp_path_factory.mktemp("prebuilt")
+    env = _clean_env(RKKD_BUILD_EXT="1", RKKD_BUILD_CUDA="0")  # the CUDA build has its own test
+    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(out),
+          REPO_ROOT], cwd=out, env=env)
+    (wheel,) = glob.glob(str(out / "*.whl"))
+    return wheel
+
+
+@pytest.mark.skipif(not rkkd_kernels._ext.is_x86(), reason="the ISA variants are x86-64 levels")
+def test_prebuilt_wheel_has_a_portable_baseline_and_loads_without_a_build(prebuilt_wheel, venv, tmp_path):
+    """The x86-64-v3 binary of an ahead-of-time wheel has no AVX-512 register (it runs on an
+    AVX2-only CPU); the x86-64-v4 one has them; installed, the package loads the binary of its CPU
+    and builds nothing."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    assert not prebuilt_wheel.endswith("-none-any.whl")
+    unpacked = tmp_path / "unpacked"
+    zipfile.ZipFile(prebuilt_wheel).extractall(unpacked)
+    prebuilt = unpacked / "rkkd_kernels" / "_prebuilt"
+    info = json.loads((prebuilt / "build_info.json").read_text())
+    assert info["torch"] == torch.__version__ and sorted(info["cpu"]) == ["x86-64-v3", "x86-64-v4"]
+    zmm = {}
+    for isa, name in info["cpu"].items():
+        code = _run([objdump, "-d", "--no-show-raw-insn", str(prebuilt / name)], cwd=tmp_path)
+        assert "vfmadd" in code or "vdivp" in code
+        zmm[isa] = sum("zmm" in line for line in code.splitlines())
+    assert zmm["x86-64-v3"] == 0 and zmm["x86-64-v4"] > 0, zmm
+
+    root, python = venv
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cache = tmp_path / "cache"
+    env = _clean_env(RKKD_CACHE_DIR=str(cache))
+    _run([python, "-m", "pip", "install", prebuilt_wheel], cwd=elsewhere, env=env)
+    ours = _installed_files(python, elsewhere, env)
+    used = json.loads(_run([python, "-c", USE], cwd=elsewhere, env=env).strip().splitlines()[-1])
+    assert used["loss_error"] < 1e-12 and used["grad_error"] < 1e-12
+    assert os.path.basename(used["cpu_kernel"]) == info["cpu"][rkkd_kernels._ext.supported_isas()[0]]
+    assert not cache.exists(), "a build ran although the installed binaries fit this torch"
+    _run([python, "-m", "pip", "uninstall", "-y", "rkkd-kernels"], cwd=elsewhere, env=env)
+    left = [p for p in ours if os.path.exists(p)]
+    left += [p for p in _files(root) if "rkkd" in os.path.relpath(p, root).lower()]
+    assert left == [], f"pip uninstall left {sorted(set(left))}"
