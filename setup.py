@@ -41,8 +41,12 @@ def _ahead_of_time_build():
     home = ext.find_cuda_home()
     if home:  # torch.utils.cpp_extension reads CUDA_HOME when it is imported
         os.environ["CUDA_HOME"] = home
-    import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError as err:
+        sys.exit(f"RKKD_BUILD_EXT=1 builds against the torch of the build environment, which has "
+                 f"none ({err}): use `pip install --no-build-isolation .` in an environment with torch")
 
     csrc = os.path.relpath(ext.source_dir(), HERE)
     isas = ext.PREBUILT_CPU_ISAS if ext.is_x86() else (ext.GENERIC_ISA,)

@@ -512,22 +512,33 @@ class Extension:
     def _load(self) -> Optional[str]:
         path, _ = self._prebuilt_path()
         if path is not None:
-            self._load_library(path)
-            self.path, self.origin = path, "ahead of time"
-            return None
+            try:
+                self._load_library(path)
+                self.path, self.origin = path, "ahead of time"
+                return None
+            except OSError as err:  # e.g. a library it needs is missing here: build instead
+                print(f"rkkd_kernels: {path} does not load ({err}); building on first use instead",
+                      file=sys.stderr)
         build_dir = self.build_dir()
         so = os.path.join(build_dir, self.build_name() + ".so")
         marker = os.path.join(build_dir, "build.json")
-        with file_lock(build_dir + ".lock"):
-            if not (os.path.exists(marker) and os.path.exists(so)):
-                problem = self._build(build_dir, marker)
-                if problem is not None:
-                    return problem
-                self.origin = "built now"
-            else:
-                self._load_library(so)
-                self.origin = "cache"
-        self.path = so
+        try:
+            with file_lock(build_dir + ".lock"):
+                origin = "cache"
+                if os.path.exists(marker) and os.path.exists(so):
+                    try:
+                        self._load_library(so)
+                    except OSError:  # a damaged cache entry: build it again
+                        os.remove(marker)
+                if not os.path.exists(marker):
+                    problem = self._build(build_dir, marker)
+                    if problem is not None:
+                        return problem
+                    origin = "built now"
+        except OSError as err:  # the cache folder cannot be written
+            return (f"{self.label} cannot be built into {build_dir} ({err}); set RKKD_CACHE_DIR to "
+                    "a writable folder")
+        self.path, self.origin = so, origin
         return None
 
     def _build(self, build_dir: str, marker: str) -> Optional[str]:

@@ -180,6 +180,14 @@ def test_a_failed_build_is_tried_once_per_process(monkeypatch, tmp_path):
         assert "expected ';'" in f.read()
 
 
+def test_a_cache_folder_that_cannot_be_written_is_a_clear_reason(monkeypatch, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("RKKD_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    monkeypatch.setattr(_ext, "PREBUILT_DIR", str(tmp_path / "none"))
+    problem = _ext.Extension("cpu", _ext.supported_isas()[0]).load()
+    assert "cannot be built into" in problem and "RKKD_CACHE_DIR" in problem
+
+
 # A child process with a compiler that fails every command (CXX=false) and an empty cache.
 BROKEN_COMPILER = r"""
 import json, sys, time
