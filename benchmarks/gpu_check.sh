@@ -112,10 +112,10 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton._
 print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, "SMs")'
 step environment "$CAP_ENVIRONMENT" bash -c "nvidia-smi; $PY -c '$ENV_INFO'"
 
-# Build the CUDA extension for this GPU alone (setup.py's default, 8.0 and 9.0+PTX, builds twice).
-ARCH=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo "8.0;9.0+PTX")
-step build "$CAP_BUILD" env MAX_JOBS="${MAX_JOBS:-$(nproc)}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" \
-    "$PY" setup.py build_ext --inplace
+# Build both kernels into the cache where the tests find them: the CPU one (each variant the tests
+# run) and the CUDA one, for this GPU alone (the visible GPU's architecture, unless
+# TORCH_CUDA_ARCH_LIST says otherwise); fails if either build fails.
+step build "$CAP_BUILD" env MAX_JOBS="${MAX_JOBS:-$(nproc)}" RKKD_BUILD_CUDA=1 "$PY" -m rkkd_kernels --build
 
 # The CPU-only files stay out of the GPU window: the ahead-of-time compile check (Triton's compiler,
 # no GPU needed) and the CPU benchmark's smoke test run in every CI run.

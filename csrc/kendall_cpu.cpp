@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "kendall_op.h"
+#include "op_name.h"
 #include "pair_math.h"
 
 namespace rkkd {
@@ -496,4 +497,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cpu(const at::Tensor& stu
 }  // namespace
 }  // namespace rkkd
 
-TORCH_LIBRARY_IMPL(rkkd, CPU, m) { m.impl("kendall", &rkkd::kendall_cpu); }
+TORCH_LIBRARY_FRAGMENT(rkkd, m) {
+  m.def(RKKD_CPU_OP("kendall"), torch::dispatch(c10::DispatchKey::CPU, &rkkd::kendall_cpu));
+}

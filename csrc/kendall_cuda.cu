@@ -41,6 +41,7 @@
 #include <type_traits>
 
 #include "kendall_op.h"
+#include "op_name.h"
 #include "pair_math.h"
 
 namespace rkkd {
@@ -589,4 +590,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cuda(const at::Tensor& st
 }  // namespace
 }  // namespace rkkd
 
-TORCH_LIBRARY_IMPL(rkkd, CUDA, m) { m.impl("kendall", &rkkd::kendall_cuda); }
+TORCH_LIBRARY_FRAGMENT(rkkd, m) {
+  m.def(RKKD_CUDA_OP("kendall"), torch::dispatch(c10::DispatchKey::CUDA, &rkkd::kendall_cuda));
+}

@@ -38,6 +38,7 @@
 
 #include "expsum.h"
 #include "kendall_op.h"
+#include "op_name.h"
 
 namespace rkkd {
 namespace expsum_cpu {
@@ -533,19 +534,19 @@ RowKind expsum_row(const scalar_t* s, const scalar_t* t, int64_t c, double k,
   return RowKind::kExpsum;
 }
 
-// The rows that the pair kernel computes (k * R beyond the lattice's limit): rkkd::kendall on them.
+// The rows that the pair kernel computes (k * R beyond the lattice's limit): the pair op of this
+// library's own ISA variant (op_name.h) on them.
 void pair_kernel_rows(const at::Tensor& s, const at::Tensor& t, double k, const std::vector<int64_t>& rows,
                       bool need_grad_s, at::Tensor& loss, at::Tensor& grad_s) {
   if (rows.empty()) return;
   static const auto pair_op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("rkkd::kendall", "")
+          .findSchemaOrThrow("rkkd::" RKKD_CPU_OP("kendall"), "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                 double, bool, bool, bool)>();
   const at::Tensor index = at::tensor(rows, at::TensorOptions().dtype(at::kLong));
-  const auto out = pair_op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                      s.index_select(0, index), t.index_select(0, index), k, true,
-                                      need_grad_s, false);
+  const auto out = pair_op.call(s.index_select(0, index), t.index_select(0, index), k, true,
+                                need_grad_s, false);
   loss.index_copy_(0, index, std::get<0>(out));
   if (need_grad_s) grad_s.index_copy_(0, index, std::get<1>(out));
 }
@@ -605,4 +606,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_expsum_cpu(const at::Tens
 }  // namespace expsum_cpu
 }  // namespace rkkd
 
-TORCH_LIBRARY_IMPL(rkkd, CPU, m) { m.impl("kendall_expsum", &rkkd::expsum_cpu::kendall_expsum_cpu); }
+TORCH_LIBRARY_FRAGMENT(rkkd, m) {
+  m.def(RKKD_CPU_OP("kendall_expsum"),
+        torch::dispatch(c10::DispatchKey::CPU, &rkkd::expsum_cpu::kendall_expsum_cpu));
+}

@@ -3,6 +3,10 @@
 The dispatch table maps a backend name to a function ``(student, teacher, k, hard) -> loss_rows`` on
 ``(rows, C)`` inputs. ``"auto"`` picks Triton for CUDA tensors when it imports, else the CUDA
 extension; the C++ kernel for CPU tensors.
+
+``rkkd::kendall``'s CPU and CUDA kernels are registered here as Python functions that load the
+compiled library (building it on first use, see ``_ext.py``) and call its op; so importing the
+package builds nothing, and the build runs inside the op, where torch.compile never traces.
 """
 
 from __future__ import annotations
@@ -19,8 +23,13 @@ RowsLoss = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
-_CPU_MISSING: Optional[str] = _ext.load("_cpu")
-_CUDA_MISSING: Optional[str] = _ext.load("_cuda")
+# Read the CPU's features now, not while torch.compile traces why_unavailable.
+_ext.cpu_isa()
+
+_kernels = torch.library.Library("rkkd", "IMPL")
+_kernels.impl("kendall", _ext.cpu_kernel("kendall"), "CPU")
+_kernels.impl("kendall", _ext.cuda_kernel("kendall"), "CUDA")
+_kernels.impl("kendall_expsum", _ext.cpu_kernel("kendall_expsum"), "CPU")
 
 try:
     from . import triton_kernel  # noqa: E402  (registers rkkd::kendall_triton)
@@ -34,29 +43,37 @@ except Exception as err:  # a Triton that imports but fails to set up must not b
     triton_kernel = None
     _TRITON_MISSING = f"the Triton backend failed to load ({type(err).__name__}: {err})"
 
+NO_GPU = "no CUDA device here"
+
 
 def _interpreting_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
-    """None when ``backend`` can run on ``device`` here, else the reason (naming what to install)."""
+    """None when ``backend`` can run on ``device`` here, else the reason (naming what to install).
+
+    Cheap and free of builds (torch.compile traces it): a compiled backend counts as available
+    until its build has failed in this process; its first call builds it.
+    """
     if backend == "reference":
         return None
     if backend == "cpu":
         if device.type != "cpu":
             return f"backend 'cpu' runs on CPU tensors, not {device.type}"
-        return _CPU_MISSING
+        return _ext.cpu_problem()
     if backend == "cuda":
-        if _CUDA_MISSING is not None:
-            return _CUDA_MISSING
+        if _ext.cuda_problem() is not None:
+            return _ext.cuda_problem()
         if device.type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, not {device.type}"
-        return None
+        return None if torch.cuda.is_available() else NO_GPU
     if backend == "triton":
         if _TRITON_MISSING is not None:
             return _TRITON_MISSING
-        if device.type == "cuda" or (device.type == "cpu" and _interpreting_triton()):
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else NO_GPU
+        if device.type == "cpu" and _interpreting_triton():
             return None
         return (
             f"backend 'triton' runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set "
@@ -106,17 +123,23 @@ EXPSUM_DISPATCH: Dict[str, RowsLoss] = {
 }
 
 
-def available_backends() -> Dict[str, Optional[str]]:
-    """Each backend name -> None when it has what it needs here, else why not.
+def _device_served(backend: str) -> torch.device:
+    """The device whose tensors ``backend`` takes here (the GPU where one is)."""
+    if backend in ("cpu", "reference"):
+        return torch.device("cpu")
+    if backend == "triton" and not torch.cuda.is_available() and _interpreting_triton():
+        return torch.device("cpu")
+    return torch.device("cuda")
 
-    A backend counts as available when its code is built and importable; ``"cuda"`` and ``"triton"``
-    still need CUDA tensors (a GPU) to run, which ``torch.cuda.is_available()`` tells.
+
+def available_backends() -> Dict[str, Optional[str]]:
+    """Each backend name -> None when it can run here, else why not.
+
+    To tell the truth about the compiled backends, this loads the CPU kernel (building it on first
+    use: up to a minute, once per machine and torch) and checks the CUDA toolchain where a GPU is;
+    the answers are then :func:`why_unavailable`'s for the device each backend serves.
     """
-    cuda_runtime = None if torch.cuda.is_available() else "no CUDA device here"
-    return {
-        "cpu": _CPU_MISSING,
-        "cuda": _CUDA_MISSING or cuda_runtime,
-        "triton": _TRITON_MISSING
-        or (None if torch.cuda.is_available() or _interpreting_triton() else cuda_runtime),
-        "reference": None,
-    }
+    _ext.cpu_extension().load()
+    if torch.cuda.is_available():
+        _ext.cuda_extension().check()
+    return {name: why_unavailable(name, _device_served(name)) for name in BACKENDS if name != "auto"}

@@ -18,28 +18,74 @@ else:
     os.environ.setdefault("RKKD_TRITON_CONFIG", "64:8")
 
 import rkkd_kernels  # noqa: E402
-from rkkd_kernels import backends  # noqa: E402
+from rkkd_kernels import _ext, backends  # noqa: E402
 
-# (backend, device): each fast backend on the device it serves here.
-FAST_BACKENDS = [
-    ("cpu", "cpu"),
-    ("triton", "cuda" if torch.cuda.is_available() else "cpu"),
-    ("cuda", "cuda"),
-]
+
+class BackendDevice(tuple):
+    """A test parameter that unpacks as ``(backend, device)``; ``cpu_isa`` names the CPU kernel's
+    variant that the test runs (set as RKKD_CPU_ISA around it, by pytest_runtest_call below)."""
+
+    def __new__(cls, backend: str, device: str, cpu_isa=None):
+        self = super().__new__(cls, (backend, device))
+        self.cpu_isa = cpu_isa
+        return self
+
+
+def fast_backends():
+    """Each fast backend on the device it serves here; the CPU kernel once per variant that this
+    machine runs among those shipped (the best one it runs, and the x86-64-v3 baseline)."""
+    gpu = torch.cuda.is_available()
+    cpu = [BackendDevice("cpu", "cpu", isa) for isa in _ext.tested_cpu_isas()]
+    return cpu + [BackendDevice("triton", "cuda" if gpu else "cpu"), BackendDevice("cuda", "cuda")]
 
 
 def backend_params():
-    """pytest params for every fast backend; those absent here are skipped with the reason."""
+    """pytest params for every fast backend; those absent here are skipped with the reason.
+
+    The CPU variants are built here (on first use, into the cache) so that a failed build skips
+    them with its log; tests/test_build.py fails on it instead."""
     params = []
-    for name, device in FAST_BACKENDS:
-        reason = None
+    for value in fast_backends():
+        name, device = value
         if device == "cuda" and not torch.cuda.is_available():
             reason = f"backend {name!r} needs a CUDA device; none here"
+        elif value.cpu_isa is not None:
+            reason = _ext.cpu_extension(value.cpu_isa).load()
         else:
             reason = backends.why_unavailable(name, torch.device(device))
         marks = [pytest.mark.skip(reason=reason)] if reason else []
-        params.append(pytest.param((name, device), id=f"{name}-{device}", marks=marks))
+        label = f"cpu_{value.cpu_isa}" if value.cpu_isa else name
+        params.append(pytest.param(value, id=f"{label}-{device}", marks=marks))
     return params
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Run a test of a CPU variant's parameter with RKKD_CPU_ISA set to that variant (a hook, not a
+    fixture, so that hypothesis' tests see no function-scoped fixture)."""
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params.values() if callspec else ()
+    isa = next((p.cpu_isa for p in params if isinstance(p, BackendDevice) and p.cpu_isa), None)
+    if isa is None:
+        yield
+        return
+    saved = os.environ.get("RKKD_CPU_ISA")
+    os.environ["RKKD_CPU_ISA"] = isa
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RKKD_CPU_ISA", None)
+        else:
+            os.environ["RKKD_CPU_ISA"] = saved
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "packaging: builds an sdist and a wheel and installs them into a fresh virtual environment "
+        "(minutes; deselect locally with -m 'not packaging')",
+    )
 
 
 def interpreted(backend: str, device: str) -> bool:

@@ -1,68 +1,45 @@
-"""The CUDA extension (csrc/kendall_cuda.cu): built and registered wherever it can be built, and, on a
-GPU, right on the shapes and rows that exercise its tiling, its splitting of rows over blocks and
-its three computation paths. The shared suite (test_kendall.py) runs backend "cuda" as well.
+"""The CUDA extension (csrc/kendall_cuda.cu): compiled wherever it can be compiled, and, on a GPU,
+right on the shapes and rows that exercise its tiling, its splitting of rows over blocks and its
+three computation paths. The shared suite (test_kendall.py) runs backend "cuda" as well.
 
-Where nvcc and a CUDA build of torch exist (CI machines have both), setup.py must have built the
-library: its absence fails here rather than skipping, so a broken CUDA build cannot pass unnoticed.
+Where nvcc and a CUDA build of torch exist (CI machines have both, with or without a GPU), the
+first test compiles the library (once: into the kernel cache) and fails on a compile error, so a
+broken CUDA source cannot pass unnoticed; no other part of the set-up compiles CUDA without a GPU.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
-import shutil
-import subprocess
 
 import pytest
 import torch
 
 import rkkd_kernels
 from helpers import LOSS_ATOL, assert_matches, grad_atol, make_logits, truth
-from rkkd_kernels import backends, kendall_loss
+from rkkd_kernels import _ext, backends, kendall_loss
 
 HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="CUDA kernel tests need a CUDA device; none here")
 
 
-def why_cuda_build_not_expected():
-    """Why setup.py would skip the CUDA kernel on this machine, or None when it must be built."""
-    if os.environ.get("RKKD_SKIP_CUDA") == "1":
-        return "RKKD_SKIP_CUDA=1"
-    if torch.version.cuda is None:
-        return f"torch {torch.__version__} is a CPU-only build"
-    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]  # where setup.py also looks
-    candidates = [shutil.which("nvcc")] + [h and os.path.join(h, "bin", "nvcc") for h in homes]
-    nvcc = next((c for c in candidates if c and os.path.exists(c)), None)
-    if nvcc is None:
-        return "no nvcc on PATH, in CUDA_HOME or in /usr/local/cuda"
-    release = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
-    if release and int(release.group(1)) != int(torch.version.cuda.split(".")[0]):
-        return f"nvcc's CUDA {release.group(1)} cannot build for torch's CUDA {torch.version.cuda}"
-    return None
-
-
-def test_cuda_library_is_built_and_registers_the_kernel():
-    reason = why_cuda_build_not_expected()
+def test_cuda_kernel_compiles_where_the_toolchain_can():
+    # The same rule as setup.py's and the first-use build's, asked to build even without a GPU.
+    reason = _ext.why_not_build_cuda(gpu_present=HAS_GPU, asked=True)
     if reason is not None:
-        pytest.skip(f"the CUDA kernel is not built here: {reason}")
-    assert backends._CUDA_MISSING is None, (
-        f"nvcc and a CUDA torch are here, but the CUDA extension is missing: {backends._CUDA_MISSING}; "
-        "see the output of `python setup.py build_ext --inplace` for the CUDA build's error"
-    )
+        pytest.skip(f"the CUDA kernel cannot be built here: {reason}")
+    problem = _ext.cuda_extension().load(asked=True)
+    assert problem is None, problem
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"rkkd::{_ext.cuda_op_name('kendall')}", "CUDA")
+    # rkkd::kendall keeps its Python kernels for both devices, which call the compiled ops.
     assert torch._C._dispatch_has_kernel_for_dispatch_key("rkkd::kendall", "CUDA")
-    # The CPU kernel is registered too: loading one library never replaces the other.
     assert torch._C._dispatch_has_kernel_for_dispatch_key("rkkd::kendall", "CPU")
 
 
 def test_available_backends_tells_the_truth_about_cuda():
     report = rkkd_kernels.available_backends()["cuda"]
-    if backends._CUDA_MISSING is not None:
-        assert report == backends._CUDA_MISSING
-    elif HAS_GPU:
-        assert report is None
-    else:
-        assert report == "no CUDA device here"
+    assert report == (_ext.cuda_problem() or (None if HAS_GPU else backends.NO_GPU))
+    if not HAS_GPU:
         with pytest.raises(RuntimeError, match="not available"):
             kendall_loss(torch.randn(2, 5, device="cpu"), torch.randn(2, 5), backend="cuda")
 
