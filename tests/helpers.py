@@ -1,5 +1,6 @@
 """What the kernel tests share: the tolerances, the input maker, the float64 truth and the check
-against it (test_kendall.py, test_triton.py, test_cuda_ext.py, test_func.py).
+against it (test_kendall.py, test_triton.py, test_cuda_ext.py, test_func.py), and the contract's
+per-row precision (test_precision.py, test_hazards.py, test_expsum.py).
 
 Tolerances (float32 computation against the float64 truth):
 - loss: each pair term tanh * w is computed to a few float32 ulps of 1 (~1e-7 absolute, |term| <= 1),
@@ -61,3 +62,34 @@ def assert_matches(actual, expected, dtype, k=1.0):
     for got, want in ((gs, gs_t), (gt, gt_t)):
         if got is not None:
             torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+# The contract's precision (docs/contract.md, "Precision"), per row: the loss absolute, each gradient
+# relative to the largest |gradient| of its row. Stricter than the 2k/C scale above where a row's
+# gradients are far below 2k/C (small k * spread, a student close to its teacher).
+ROW_LOSS_ATOL = {torch.float32: 1e-6, torch.float64: 1e-12}
+ROW_GRAD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def row_relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """max |got - want| of each row over the row's largest |want| (an all-zero row: absolute)."""
+    scale = want.abs().amax(-1)
+    err = (got - want).abs().amax(-1)
+    return torch.where(scale > 0, err / scale.clamp_min(1e-300), err)
+
+
+def assert_row_precise(actual, expected, dtype, loss_atol=None, what=""):
+    """Loss and gradients against the truth at the contract's per-row precision (``loss_atol``
+    overrides the loss's); a gradient given as None in ``actual`` is not compared."""
+    loss, gs, gt = (None if x is None else x.detach().cpu().double() for x in actual)
+    loss_t, gs_t, gt_t = (x.detach().cpu().double() for x in expected)
+    atol = ROW_LOSS_ATOL[dtype] if loss_atol is None else loss_atol
+    torch.testing.assert_close(loss, loss_t, atol=atol, rtol=0)
+    for name, got, want in (("student", gs, gs_t), ("teacher", gt, gt_t)):
+        if got is None:
+            continue
+        err = row_relative_error(got, want)
+        assert (err <= ROW_GRAD_RTOL[dtype]).all(), (
+            f"{name} gradient{what}: row errors {err.tolist()} of the row's largest |gradient|, "
+            f"tolerance {ROW_GRAD_RTOL[dtype]}"
+        )

@@ -3,8 +3,9 @@ float64 truth, the lattice's error bounds, ties, the pair-kernel fallback, NaN r
 gradcheck, top_k, torch.compile, the method keyword and the cost model of method="auto".
 
 The Triton kernel joins at small C (the interpreter is slow) without a GPU. Tolerances are the
-contract's: float32 loss within 1e-6 of the float64 truth and the student's
-gradient within 1e-5 of the row's largest |gradient|; float64 within 1e-10 (both).
+contract's per-row precision (tests/helpers.py, ROW_*): float32 loss within 1e-6 of the float64
+truth and the student's gradient within 1e-5 of the row's largest |gradient|; float64 1e-12 and
+1e-10.
 """
 
 from __future__ import annotations
@@ -15,19 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
 from rkkd_kernels import KendallLoss, backends, expsum, kendall_loss
 
-LOSS_ATOL = {torch.float32: 1e-6, torch.float64: 1e-10}
-GRAD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 def loss_and_grads(s, t, k, method, backend="cpu", **kw):
     """Per-row loss and the gradients of its sum (the teacher requires grad too: it must get 0)."""
-    s = s.detach().clone().requires_grad_(True)
-    t = t.detach().clone().requires_grad_(True)
-    loss = kendall_loss(s, t, k, hard_teacher=True, reduction="none", backend=backend, method=method, **kw)
-    gs, gt = torch.autograd.grad(loss.sum(), (s, t))
-    return loss.detach(), gs, gt
+    return helpers.loss_and_grads(s, t, backend, k=k, hard_teacher=True, method=method, **kw)
 
 
 def truth(s, t, k, **kw):
@@ -44,12 +40,8 @@ def truth(s, t, k, **kw):
 
 
 def assert_close_to_truth(got, want, dtype):
-    loss, gs, gt = (x.double() for x in got)
-    loss_t, gs_t, _ = want
-    torch.testing.assert_close(loss, loss_t, atol=LOSS_ATOL[dtype], rtol=0)
-    scale = gs_t.abs().amax(-1, keepdim=True).clamp_min(1e-300)  # each row's largest |gradient|
-    worst = ((gs - gs_t).abs() / scale).max().item()
-    assert worst <= GRAD_RTOL[dtype], f"student gradient off by {worst:.2e} of the row's largest"
+    loss, gs, gt = got
+    helpers.assert_row_precise((loss, gs, None), want, dtype)
     assert (gt == 0).all()  # a hard teacher gets no gradient
 
 

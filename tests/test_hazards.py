@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import backend_params
-from rkkd_kernels import kendall_loss
+from helpers import assert_row_precise, loss_and_grads, truth
 
 BACKENDS = backend_params()
 # The backends that launch GPU grids (the Triton kernel, also under its interpreter, and CUDA).
@@ -16,28 +16,11 @@ GRID_BACKENDS = [p for p in BACKENDS if p.values[0][0] != "cpu"]
 LARGEST = {torch.float32: 3.4e38, torch.float64: 1.7e308}
 
 
-def _loss_and_grads(student, teacher, backend, k, hard=False):
-    s = student.detach().clone().requires_grad_(True)
-    t = teacher.detach().clone().requires_grad_(True)
-    loss = kendall_loss(s, t, k, hard_teacher=hard, reduction="none", backend=backend)
-    gs, gt = torch.autograd.grad(loss.sum(), (s, t))
-    return [x.detach().cpu().double() for x in (loss, gs, gt)]
-
-
 def _near_largest(dtype, rows, c, seed, sign=1.0):
     """Rows in [0.99 L, L] for L the dtype's largest (rounded) value: max + min overflows."""
     g = torch.Generator().manual_seed(seed)
     top = LARGEST[dtype]
     return (sign * (top - 0.01 * top * torch.rand(rows, c, generator=g, dtype=torch.float64))).to(dtype)
-
-
-def _assert_same(got, want, dtype):
-    loss_atol = 1e-12 if dtype == torch.float64 else 1e-6
-    grad_rtol = 1e-10 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(got[0], want[0], atol=loss_atol, rtol=0)
-    for g, w in zip(got[1:], want[1:]):
-        scale = w.abs().amax(-1, keepdim=True)
-        assert ((g - w).abs() <= grad_rtol * scale).all()
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS + [pytest.param(("reference", "cpu"), id="reference")])
@@ -58,10 +41,11 @@ def test_rows_near_the_largest_value(backend_device, dtype):
         if backend == "triton" and k < 2.0**-100:
             continue  # below the Triton kernel's k range: test_triton_rejects_k_below_its_range
         for hard in (False, True):
-            got = _loss_and_grads(s.to(device), t.to(device), backend, k, hard)
-            assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[1:])
-            want = _loss_and_grads(s_shifted.to(device), t_shifted.to(device), backend, k, hard)
-            _assert_same(got, want, dtype)
+            got = loss_and_grads(s.to(device), t.to(device), backend, k=k, hard_teacher=hard)
+            assert all(torch.isfinite(x).all() for x in got)
+            want = loss_and_grads(s_shifted.to(device), t_shifted.to(device), backend, k=k,
+                                  hard_teacher=hard)
+            assert_row_precise(got, want, dtype)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS + [pytest.param(("reference", "cpu"), id="reference")])
@@ -71,8 +55,8 @@ def test_rows_spanning_the_whole_range(backend_device, dtype):
     backend, device = backend_device
     s = torch.cat([_near_largest(dtype, 2, 5, seed=2), _near_largest(dtype, 2, 5, seed=3, sign=-1.0)], 1)
     t = s.flip(1).clone()
-    loss, gs, gt = _loss_and_grads(s.to(device), t.to(device), backend, 1.0)
-    want_loss, want_gs, want_gt = _loss_and_grads(s.double(), t.double(), "reference", 1.0)
+    loss, gs, gt = (x.cpu().double() for x in loss_and_grads(s.to(device), t.to(device), backend, k=1.0))
+    want_loss, want_gs, want_gt = truth(s, t, k=1.0)
     torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=0)
     torch.testing.assert_close(gs, want_gs, atol=0, rtol=0)  # every pair saturated: all zero
     torch.testing.assert_close(gt, want_gt, atol=0, rtol=0)
@@ -115,8 +99,7 @@ def test_inputs_on_another_gpu(backend_device):
     s = torch.randn(5, 300, generator=g)
     t = torch.randn(5, 300, generator=g)
     with torch.cuda.device(0):
-        got = _loss_and_grads(s.to("cuda:1"), t.to("cuda:1"), backend, 1.0)
+        got = loss_and_grads(s.to("cuda:1"), t.to("cuda:1"), backend, k=1.0)
         torch.cuda.synchronize(1)
         assert torch.cuda.current_device() == 0
-    want = _loss_and_grads(s.double(), t.double(), "reference", 1.0)
-    _assert_same(got, want, torch.float32)
+    assert_row_precise(got, truth(s, t, k=1.0), torch.float32)

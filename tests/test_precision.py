@@ -4,7 +4,7 @@ The error of a gradient is measured against the largest |gradient| of its row (n
 scale such as 2k/C): at small k the gradients are O(k^2), and a kernel whose tanh is exact only to
 ulps of 1 (the ratio form where k * spread is small) is off by far more than the row's own size.
 
-Tolerances:
+Tolerances (tests/helpers.py, ROW_*):
 - float32 inputs: gradients to 1e-5 of the row's largest |gradient|, the loss to 1e-6 absolute;
 - float64 inputs: gradients to 1e-10 of the row's largest |gradient|, the loss to 1e-12.
 """
@@ -15,40 +15,16 @@ import pytest
 import torch
 
 from conftest import backend_params, interpreted
-from rkkd_kernels import kendall_loss
+from helpers import assert_row_precise, loss_and_grads, truth
 
 BACKENDS = backend_params()
 K_SWEEP = [1e-8, 1e-6, 1e-4, 1e-2, 1.0, 10.0, 100.0]
-LOSS_ATOL = {torch.float32: 1e-6, torch.float64: 1e-12}
-GRAD_ROW_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-
-
-def _loss_and_grads(student, teacher, backend, k, hard):
-    s = student.detach().clone().requires_grad_(True)
-    t = teacher.detach().clone().requires_grad_(True)
-    loss = kendall_loss(s, t, k, hard_teacher=hard, reduction="none", backend=backend)
-    gs, gt = torch.autograd.grad(loss.sum(), (s, t))
-    return loss.detach().cpu().double(), gs.cpu().double(), gt.cpu().double()
-
-
-def _row_relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
-    """max |got - want| of each row over the row's largest |want| (an all-zero row: absolute)."""
-    scale = want.abs().amax(-1)
-    err = (got - want).abs().amax(-1)
-    return torch.where(scale > 0, err / scale.clamp_min(1e-300), err)
 
 
 def _assert_precise(student, teacher, backend, k, hard, dtype):
-    loss, gs, gt = _loss_and_grads(student, teacher, backend, k, hard)
-    want_loss, want_gs, want_gt = _loss_and_grads(student.cpu().double(), teacher.cpu().double(),
-                                                  "reference", k, hard)
-    torch.testing.assert_close(loss, want_loss, atol=LOSS_ATOL[dtype], rtol=0)
-    for name, got, want in (("student", gs, want_gs), ("teacher", gt, want_gt)):
-        err = _row_relative_error(got, want)
-        assert (err <= GRAD_ROW_RTOL[dtype]).all(), (
-            f"{name} gradient at k={k}: row errors {err.tolist()} of the row's largest |gradient|, "
-            f"tolerance {GRAD_ROW_RTOL[dtype]}"
-        )
+    got = loss_and_grads(student, teacher, backend, k=k, hard_teacher=hard)
+    want = truth(student, teacher, k=k, hard_teacher=hard)
+    assert_row_precise(got, want, dtype, what=f" at k={k}")
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
