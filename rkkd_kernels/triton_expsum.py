@@ -32,6 +32,7 @@ import triton.language as tl
 
 from . import expsum, ops
 from .dtypes import accumulation_dtype
+from .triton_kernel import _launcher  # wrap_triton on a GPU, the plain kernel under the interpreter
 
 OP_NAME = "rkkd::kendall_expsum_triton"
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -161,10 +162,6 @@ def _expsum_kernel(b_ptr, t_ptr, first_ptr, last_ptr, m_lo_ptr, count_ptr, kind_
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             tl.store(g_row + cols, tl.full([BLOCK_C], float("nan"), tl.float64), mask=cols < C)
-
-
-def _launcher(kernel):
-    return kernel if INTERPRETING else torch.library.wrap_triton(kernel)
 
 
 def _kendall_expsum_triton(

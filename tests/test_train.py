@@ -6,7 +6,6 @@ the file finishes in well under three minutes on two cores.
 
 from __future__ import annotations
 
-import csv
 import os
 import socket
 import subprocess
@@ -21,27 +20,12 @@ from train.data import (
     shapes1000_class,
 )
 from train.distill import TAU_METRIC_K, ConfigError, main, parse_config, run
-from train.models import build_model
+from train_helpers import read_csv, teacher_ckpt  # noqa: F401  (a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DATA = ["--image-size", "12", "--shapes-train-per-class", "1", "--shapes-val-per-class", "1",
              "--batch-size", "100", "--no-progress", "--warmup-epochs", "0.2"]
 TINY = TINY_DATA + ["--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> str:
-    """A (randomly initialised) cifar_resnet8 teacher in the harness's checkpoint format."""
-    torch.manual_seed(123)
-    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
-    model = build_model("cifar_resnet8", SHAPES1000_CLASSES)
-    checkpoint.save_atomic({"arch": "cifar_resnet8", "model": model.state_dict()}, path)
-    return path
-
-
-def _read_csv(path: str):
-    with open(path) as handle:
-        return list(csv.DictReader(handle))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +45,7 @@ def test_tiny_end_to_end_with_teacher_training(tmp_path, capsys):
             assert os.path.isfile(os.path.join(out, phase, name)), (phase, name)
     assert os.path.isfile(os.path.join(out, "summary.md"))
     assert os.path.isfile(os.path.join(out, "config.yaml"))
-    (row,) = _read_csv(os.path.join(out, "student", "metrics.csv"))
+    (row,) = read_csv(os.path.join(out, "student", "metrics.csv"))
     assert row["step"] == "3"
     for key in ("train_ce", "train_kd", "train_rank", "val_top1", "val_top5", "val_tau",
                 "images_per_s", "rank_time_share"):
@@ -69,7 +53,7 @@ def test_tiny_end_to_end_with_teacher_training(tmp_path, capsys):
     assert 0.0 <= float(row["train_rank"]) <= 2.0
     assert -1.0 <= float(row["val_tau"]) <= 1.0
     assert 0.0 < float(row["rank_time_share"]) < 1.0
-    (teacher_row,) = _read_csv(os.path.join(out, "teacher", "metrics.csv"))
+    (teacher_row,) = read_csv(os.path.join(out, "teacher", "metrics.csv"))
     assert teacher_row["train_kd"] == "" and teacher_row["val_tau"] == ""  # not computed: empty
 
 
@@ -78,7 +62,7 @@ def test_teacher_checkpoint_loads_and_weights_apply(tmp_path, teacher_ckpt):
     summaries = run(parse_config(TINY + ["--teacher-ckpt", teacher_ckpt, "--epochs", "1",
                                          "--max-steps", "2", "--ce-weight", "0",
                                          "--kd-weight", "0", "--out", out]))
-    (row,) = _read_csv(os.path.join(out, "student", "metrics.csv"))
+    (row,) = read_csv(os.path.join(out, "student", "metrics.csv"))
     assert row["train_ce"] == "" and row["train_kd"] == "" and row["train_rank"] != ""
     assert float(row["train_loss"]) == pytest.approx(float(row["train_rank"]))
     assert summaries[-1]["steps"] == 2
@@ -98,7 +82,7 @@ def test_demo_runs_at_tiny_scale(tmp_path, capsys):
         assert label in printed, label
     for name in ("comparison.png", "summary.md", "results.csv"):
         assert os.path.isfile(os.path.join(out, name)), name
-    rows = _read_csv(os.path.join(out, "results.csv"))
+    rows = read_csv(os.path.join(out, "results.csv"))
     assert [(r["seed"], r["arm"]) for r in rows] == [
         ("0", "teacher"), ("0", "kd"), ("0", "kd_rank"), ("1", "kd"), ("1", "kd_rank")]
     assert all(r["val_tau"] != "" for r in rows[1:]) and rows[0]["val_tau"] == ""
@@ -194,7 +178,7 @@ def test_two_process_gloo_step_with_torchrun(tmp_path, teacher_ckpt):
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
-    (row,) = _read_csv(os.path.join(out, "student", "metrics.csv"))
+    (row,) = read_csv(os.path.join(out, "student", "metrics.csv"))
     assert row["step"] == "2" and float(row["train_rank"]) > 0
     state = checkpoint.load(os.path.join(out, "student", "last.pt"))
     assert len(state["rng"]) == 2  # every process's random state, for --resume

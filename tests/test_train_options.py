@@ -5,7 +5,6 @@ Tiny scale as in test_train.py: 12 px shapes1000, one image per class, a few ste
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import urllib.error
@@ -15,28 +14,14 @@ import torch
 
 from train import checkpoint
 from train.config import Config, ConfigError, parse_config, recipe_names
-from train.data import SHAPES1000_CLASSES
 from train.distill import main, run
 from train.loop import lr_factor
 from train.models import build_model
 from train.study import paired_difference, t_quantile
+from train_helpers import read_csv, teacher_ckpt  # noqa: F401  (a fixture)
 
 TINY = ["--image-size", "12", "--shapes-train-per-class", "1", "--shapes-val-per-class", "1",
         "--no-progress", "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> str:
-    torch.manual_seed(321)
-    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
-    model = build_model("cifar_resnet8", SHAPES1000_CLASSES)
-    checkpoint.save_atomic({"arch": "cifar_resnet8", "model": model.state_dict()}, path)
-    return path
-
-
-def _read_csv(path: str):
-    with open(path) as handle:
-        return list(csv.DictReader(handle))
 
 
 def _message(text: str) -> str:
@@ -77,7 +62,7 @@ def test_nesterov_option_and_step_schedule_reach_the_optimizer(tmp_path, teacher
     state = checkpoint.load(os.path.join(out, "student", "final.pt"))
     assert state["optimizer"]["param_groups"][0]["nesterov"] is False
     # The lr logged after each epoch is the one of the next step: 0.4 * 0.5 ** milestones passed.
-    lrs = [float(row["lr"]) for row in _read_csv(os.path.join(out, "student", "metrics.csv"))]
+    lrs = [float(row["lr"]) for row in read_csv(os.path.join(out, "student", "metrics.csv"))]
     assert lrs == pytest.approx([0.2, 0.1, 0.1])
     default = parse_config(["--train-teacher"])
     assert default.nesterov is True and default.schedule == "cosine"
@@ -128,7 +113,7 @@ def test_recipe_runs_two_steps_on_shapes1000(name, tmp_path, teacher_ckpt):
     group = state["optimizer"]["param_groups"][0]
     assert group["lr"] == pytest.approx(recipe.lr)  # no warm-up, before the first milestone
     assert group["nesterov"] is False and group["weight_decay"] == recipe.weight_decay
-    rows = _read_csv(os.path.join(out, "student", "metrics.csv"))
+    rows = read_csv(os.path.join(out, "student", "metrics.csv"))
     assert (rows[-1]["train_rank"] != "") == name.endswith("_kendall")
     assert rows[-1]["train_kd"] != "" and rows[-1]["train_ce"] != ""
 
