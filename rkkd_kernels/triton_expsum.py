@@ -91,9 +91,10 @@ def _scan(b_row, first_row, g_row, C, t_nodes, valid_m,
 
 
 @triton.jit
-def _pair_row(b_row, t_row, g_row, C, k, BLOCK_C: tl.constexpr):
+def _pair_row(b_row, t_row, g_row, C, BLOCK_C: tl.constexpr):
     """The guarded path: every pair directly (tanh from exp(-2|d|), which cannot overflow), in
-    float64; g_row gets d loss / ds directly. Returns the sum over ordered pairs of tanh * sign."""
+    float64; g_row gets d loss / ds over k directly. Returns the sum over ordered pairs of
+    tanh * sign."""
     tau = tl.sum(tl.zeros([BLOCK_C], tl.float64), axis=0)
     for i0 in range(0, C, BLOCK_C):
         i = i0 + tl.arange(0, BLOCK_C)
@@ -114,14 +115,14 @@ def _pair_row(b_row, t_row, g_row, C, k, BLOCK_C: tl.constexpr):
             w = tl.where(dt > 0, 1.0, tl.where(dt < 0, -1.0, 0.0))
             w = tl.where(valid, w, 0.0)
             tau += tl.sum(tl.sum(th * w, axis=1), axis=0)
-            gi += tl.sum(k * sech2 * w, axis=1)
+            gi += tl.sum(sech2 * w, axis=1)
         tl.store(g_row + i, gi, mask=i < C)
     return 0.5 * tau
 
 
 @triton.jit
 def _expsum_kernel(b_ptr, t_ptr, first_ptr, last_ptr, m_lo_ptr, count_ptr, kind_ptr, tied_ptr,
-                   loss_ptr, g_ptr, C, k, step,
+                   loss_ptr, g_ptr, C, step,
                    NEED_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b_row = b_ptr + row * C
@@ -145,13 +146,13 @@ def _expsum_kernel(b_ptr, t_ptr, first_ptr, last_ptr, m_lo_ptr, count_ptr, kind_
             loss_sum += _scan(b_row, last_ptr + row * C, g_row, C, t_nodes, valid_m, True, BLOCK_C, BLOCK_M)
         tied = tl.load(tied_ptr + row)
         tl.store(loss_ptr + row, (tied + 2.0 * step * loss_sum) / pairs)
-        scale = -4.0 * k * step / pairs
+        scale = -4.0 * step / pairs
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             g = tl.load(g_row + cols, mask=cols < C, other=0.0)
             tl.store(g_row + cols, g * scale, mask=cols < C)
     elif kind == 2:
-        tau = _pair_row(b_row, t_ptr + row * C, g_row, C, k, BLOCK_C)
+        tau = _pair_row(b_row, t_ptr + row * C, g_row, C, BLOCK_C)
         tl.store(loss_ptr + row, 1.0 - tau / pairs)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
@@ -207,9 +208,13 @@ def _kendall_expsum_triton(
         block_c = 16 if INTERPRETING and c <= 64 else 64
         _launcher(_expsum_kernel)[(rows,)](
             b, t_sorted.contiguous(), first, last, m_lo.to(torch.int32).contiguous(), count.contiguous(),
-            kind.to(torch.int32).contiguous(), tied, loss, g_sorted, c, float(k), float(lat.step),
+            kind.to(torch.int32).contiguous(), tied, loss, g_sorted, c, float(lat.step),
             NEED_GRAD=bool(need_grad_student), BLOCK_C=block_c, BLOCK_M=32,
         )
+        # The kernel writes the gradient over k: a float scalar argument reaches a GPU kernel as
+        # float32, which would cost a float64 result its last 29 bits (the lattice step, a dyadic
+        # rational, passes exactly). k multiplies here, in float64.
+        g_sorted.mul_(k)
     empty = student.new_empty((0,), dtype=acc)
     grad_s = torch.zeros_like(g_sorted).scatter_(1, order, g_sorted).to(acc) if need_grad_student else empty
     grad_t = student.new_zeros((rows, c), dtype=acc) if need_grad_teacher else student.new_empty((0,), dtype=acc)

@@ -53,3 +53,33 @@ def test_every_kernel_variant_compiles_for_sm90_without_spilling(tmp_path):
         pytest.fail("cuobjdump (shipped with Triton's NVIDIA backend) was not found: resources unread")
     spilled = [r for r in read if int(r["local_bytes"]) > 0]
     assert not spilled, spilled
+
+
+EXPSUM_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rkkd_kernels import triton_expsum as te
+fn = te._expsum_kernel
+types = {"b_ptr": "*fp64", "t_ptr": "*fp32", "first_ptr": "*i8", "last_ptr": "*i8", "m_lo_ptr": "*i32",
+         "count_ptr": "*i32", "kind_ptr": "*i32", "tied_ptr": "*fp64", "loss_ptr": "*fp64",
+         "g_ptr": "*fp64", "C": "i32", "step": "fp32"}
+for need in (True, False):
+    consts = dict(NEED_GRAD=need, BLOCK_C=64, BLOCK_M=32)
+    sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
+    assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+print("ok")
+"""
+
+
+def test_the_exponential_sum_kernel_compiles_for_sm90():
+    """The exponential-sum kernel (float64 throughout) with and without its gradient scan: the
+    interpreter that tests it never lowers its float64 reductions and scans for a GPU."""
+    missing = _aot_api_missing()
+    if missing:
+        pytest.skip(missing)
+    proc = subprocess.run([sys.executable, "-c", EXPSUM_COMPILE], cwd=REPO_ROOT, env=tool_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout[-3000:] + proc.stderr[-3000:]
