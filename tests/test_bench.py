@@ -31,10 +31,15 @@ def quick_run(tmp_path_factory):
     return out, rows, proc.stdout, elapsed
 
 
-def test_quick_preset_is_quick(quick_run):
-    _, _, _, elapsed = quick_run
-    # The target: under 2 minutes on the 2-core CI machines; allow for a loaded machine.
-    assert elapsed < 180, f"--quick took {elapsed:.0f} s"
+def test_quick_preset_stays_small(quick_run):
+    """The preset's size, not its time, is what a test can hold (a busy machine runs 3x slower):
+    its cells are the small ones (at most B=256 x C=1000 rows of pairs) that keep it a smoke test
+    of about a minute on these machines. The time is printed for the log."""
+    _, rows, _, elapsed = quick_run
+    print(f"--quick took {elapsed:.0f} s")
+    cells = {(int(r["B"]), int(r["C"])) for r in rows}
+    assert cells and len(cells) <= 4, cells
+    assert all(b * c * (c - 1) // 2 <= 256 * 1000 * 999 // 2 for b, c in cells), cells
 
 
 def test_csv_has_the_columns(quick_run):
