@@ -383,6 +383,11 @@ def _check_solver(cfg: Config) -> None:
         _require(cfg.milestones[-1] < cfg.epochs,
                  f"--milestones {cfg.milestones}: epoch {cfg.milestones[-1]} is not before the "
                  f"end of the --epochs {cfg.epochs} run, so it never applies")
+        # A teacher trained here follows the same schedule over its own epochs.
+        _require(not cfg.train_teacher or cfg.milestones[-1] < cfg.teacher_epochs,
+                 f"--milestones {cfg.milestones}: with --train-teacher the teacher uses them too, "
+                 f"and epoch {cfg.milestones[-1]} is not before the end of its --teacher-epochs "
+                 f"{cfg.teacher_epochs}")
         _require(math.isfinite(cfg.lr_gamma) and 0 < cfg.lr_gamma <= 1,
                  f"--lr-gamma must lie in (0, 1], got {cfg.lr_gamma}")
     else:
