@@ -31,27 +31,12 @@
 #include "kendall_op.h"
 #include "op_name.h"
 #include "pair_math.h"
+#include "simd.h"
 
 namespace rkkd {
 
-#if defined(__AVX512F__)
-constexpr int kVectorBytes = 64;
-#else
-constexpr int kVectorBytes = 32;
-#endif
-typedef float F32Vec __attribute__((vector_size(kVectorBytes)));
-typedef double F64Vec __attribute__((vector_size(kVectorBytes)));
-
-template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  using type = F32Vec;
-};
-template <>
-struct VecOf<double> {
-  using type = F64Vec;
-};
+using F32Vec = Vec<float>;
+using F64Vec = Vec<double>;
 
 // Vector arithmetic: a true division (on AVX2 cores as fast as a reciprocal estimate refined by a
 // Newton step, measured, and exact; AVX-512 float differs, below), and sign() from lane masks (a
@@ -83,38 +68,6 @@ template <>
 struct Arith<F64Vec> : VectorArith<F64Vec, double> {};
 
 namespace {
-
-template <typename V, typename T>
-inline V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-inline void store(T* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-// Sum of a vector's lanes by halving (log2(width) steps), not lane after lane: this runs once per
-// i, so a serial chain of width - 1 dependent adds would cost as much as a short j loop. Shuffles,
-// not memcpy, so that the accumulators stay in registers.
-template <typename Half, typename V, size_t... I>
-inline Half fold_halves(V v, std::index_sequence<I...>) {
-  return __builtin_shufflevector(v, v, I...) + __builtin_shufflevector(v, v, (I + sizeof...(I))...);
-}
-
-template <typename V>
-inline auto horizontal_sum(V v) -> typename std::remove_reference<decltype(v[0])>::type {
-  using T = typename std::remove_reference<decltype(v[0])>::type;
-  constexpr size_t kLanes = sizeof(V) / sizeof(T);
-  if constexpr (kLanes == 1) {
-    return v[0];
-  } else {
-    typedef T Half __attribute__((vector_size(sizeof(V) / 2)));
-    return horizontal_sum(fold_halves<Half>(v, std::make_index_sequence<kLanes / 2>{}));
-  }
-}
 
 // Buffers of one thread, reused across its rows. Each has `width` slack lanes so that the masked
 // last vector of a row can read and write past C.
@@ -150,7 +103,7 @@ inline PairTerms<V> ratio_pair(V a_i, V b_i, V a_j, V b_j) {
 // which lost about 1e-5 of the loss (hard teacher, C = 1000, k = 8, student close to the teacher).
 template <typename T, bool kSmall, bool kHard, bool kGradS, bool kGradT>
 double ratio_row(const T* a, const T* b, int64_t c, int64_t i_begin, int64_t i_end, T* gs, T* gt) {
-  using V = typename VecOf<T>::type;
+  using V = Vec<T>;
   constexpr int64_t W = sizeof(V) / sizeof(T);
   double tau = 0;
   for (int64_t i = i_begin; i < i_end && i + 1 < c; i += 2) {
@@ -187,14 +140,14 @@ double ratio_row(const T* a, const T* b, int64_t c, int64_t i_begin, int64_t i_e
       }
     }
     if (kGradS) {
-      gs[i] += horizontal_sum(gs_i) + own.grad_s;
-      gs[i1] += horizontal_sum(gs_i1) - own.grad_s;
+      gs[i] += lane_sum(gs_i) + own.grad_s;
+      gs[i1] += lane_sum(gs_i1) - own.grad_s;
     }
     if (kGradT) {
-      gt[i] += horizontal_sum(gt_i) + own.grad_t;
-      gt[i1] += horizontal_sum(gt_i1) - own.grad_t;
+      gt[i] += lane_sum(gt_i) + own.grad_t;
+      gt[i1] += lane_sum(gt_i1) - own.grad_t;
     }
-    tau += double(horizontal_sum(tau_v) + own.tau);
+    tau += double(lane_sum(tau_v) + own.tau);
   }
   return tau;
 }

@@ -39,62 +39,23 @@
 #include "expsum.h"
 #include "kendall_op.h"
 #include "op_name.h"
+#include "simd.h"
 
 namespace rkkd {
 namespace expsum_cpu {
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kBytes = 64;
-#else
-constexpr int kBytes = 32;
-#endif
-
-// Vec<T, N>: N lanes of T (GCC/Clang vector extensions; the attribute needs a non-dependent type).
-template <typename T, int N>
-struct VecOf;
-template <int N>
-struct VecOf<float, N> {
-  typedef float type __attribute__((vector_size(N * sizeof(float))));
-};
-template <int N>
-struct VecOf<double, N> {
-  typedef double type __attribute__((vector_size(N * sizeof(double))));
-};
-template <int N>
-struct VecOf<int32_t, N> {
-  typedef int32_t type __attribute__((vector_size(N * sizeof(int32_t))));
-};
-template <int N>
-struct VecOf<int64_t, N> {
-  typedef int64_t type __attribute__((vector_size(N * sizeof(int64_t))));
-};
-template <typename T, int N>
-using Vec = typename VecOf<T, N>::type;
-
 // The lanes of one compute type: V holds W values (one per node), D the double accumulators (two
 // per float vector, one per double vector).
 template <typename T>
 struct Simd {
-  static constexpr int W = kBytes / int(sizeof(T));
-  static constexpr int DW = kBytes / int(sizeof(double));
+  static constexpr int W = kVectorBytes / int(sizeof(T));
+  static constexpr int DW = kVectorBytes / int(sizeof(double));
   static constexpr int kParts = W / DW;  // double vectors per value vector
   using V = Vec<T, W>;
   using D = Vec<double, DW>;
   using I = Vec<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>, W>;
 };
-
-template <typename V, typename T>
-inline V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename T, typename V>
-inline void store(T* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
 
 template <typename To, typename From>
 inline To bits(From v) {
@@ -365,23 +326,6 @@ int64_t set_nodes(RowBuffers<T>& buf, const NodeRange& nodes, double step) {
     }
   }
   return blocks;
-}
-
-template <typename Half, typename V, size_t... L>
-inline Half fold_halves(V v, std::index_sequence<L...>) {
-  return __builtin_shufflevector(v, v, L...) + __builtin_shufflevector(v, v, (L + sizeof...(L))...);
-}
-
-// Sum of a vector's lanes by halving (log2(W) steps, in registers), in double at the end.
-template <typename V>
-inline double lane_sum(V v) {
-  using T = std::remove_reference_t<decltype(v[0])>;
-  constexpr int kLanes = int(sizeof(V) / sizeof(T));
-  if constexpr (kLanes == 1) {
-    return double(v[0]);
-  } else {
-    return lane_sum(fold_halves<Vec<T, kLanes / 2>>(v, std::make_index_sequence<kLanes / 2>{}));
-  }
 }
 
 // One scan along the teacher's order with the running sum of F over the groups already passed:
