@@ -96,10 +96,18 @@ def plot_seeds(runs: List[Dict[str, Any]], teacher_top1: float, path: str) -> No
     arms = sorted({run["arm"] for run in runs})
     colours = {arm: f"C{i}" for i, arm in enumerate(arms)}
     styles = ["-", "--", ":", "-."]
+    seeds = sorted({run["seed"] for run in runs})
+    # A legend line per seed while the line styles tell the seeds apart; beyond that, one per arm
+    # (a legend of 20 lines would cover the curves).
+    per_seed = len(seeds) <= len(styles)
     for run in runs:
         epochs = [row["epoch"] for row in run["history"]]
+        if per_seed:
+            label = f"{run['loss']}, seed {run['seed']}"
+        else:
+            label = f"{run['loss']}, seeds {seeds[0]}-{seeds[-1]}" if run["seed"] == seeds[0] else None
         style = dict(color=colours[run["arm"]], linestyle=styles[run["seed"] % len(styles)],
-                     marker="o", markersize=3, label=f"{run['loss']}, seed {run['seed']}")
+                     marker="o", markersize=3, label=label)
         left.plot(epochs, [row["val_top1"] for row in run["history"]], **style)
         right.plot(epochs, [row["val_tau"] for row in run["history"]], **style)
     if not math.isnan(teacher_top1):
