@@ -144,20 +144,20 @@ def supported_isas(flags: Optional[frozenset] = None) -> List[str]:
     if not is_x86():
         return [GENERIC_ISA]
     flags = cpu_flags() if flags is None else flags
+    return [name for name, _ in X86_LEVELS if needed_flags(name) <= flags]
+
+
+def needed_flags(isa: str) -> frozenset:
+    """The CPU flags that an x86 variant needs: its level's and every lower level's.
+
+    (Written so that torch.compile, which traces the backend choice, can follow it on torch 2.6.)"""
     levels = [name for name, _ in X86_LEVELS]
-    supported = []
-    for i, name in enumerate(levels):
-        needed = set().union(*(dict(X86_LEVELS)[lower] for lower in levels[i:]))
-        if needed <= flags:
-            supported.append(name)
-    return supported
+    return frozenset(flag for _, flags in X86_LEVELS[levels.index(isa):] for flag in flags)
 
 
 def missing_flags(isa: str, flags: Optional[frozenset] = None) -> List[str]:
     flags = cpu_flags() if flags is None else flags
-    levels = [name for name, _ in X86_LEVELS]
-    needed = set().union(*(dict(X86_LEVELS)[lower] for lower in levels[levels.index(isa):]))
-    return sorted(needed - flags)
+    return sorted(needed_flags(isa) - flags)
 
 
 def cpu_isa() -> Tuple[str, Optional[str]]:

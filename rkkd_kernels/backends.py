@@ -50,6 +50,28 @@ def _interpreting_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _interpreter_problem() -> Optional[str]:
+    """Why Triton's CPU interpreter cannot run the kernels here, if it cannot: before Triton 3.8 it
+    passes integer kernel arguments as 1-element arrays, which numpy 2 no longer turns into ints
+    (seen with Triton 3.2 and 3.6)."""
+    import numpy
+    import triton
+
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    try:
+        int(numpy.ones(1))
+    except TypeError:
+        if version < (3, 8):
+            return (f"backend 'triton' on CPU tensors (TRITON_INTERPRET=1) needs Triton >= 3.8 with "
+                    f"numpy {numpy.__version__}: Triton {triton.__version__}'s interpreter passes "
+                    f"integer arguments as 1-element arrays, which this numpy does not turn into ints")
+    return None
+
+
+# Read now, not while torch.compile traces why_unavailable.
+_INTERPRETER_PROBLEM = _interpreter_problem() if _TRITON_MISSING is None else None
+
+
 def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
     """None when ``backend`` can run on ``device`` here, else the reason (naming what to install).
 
@@ -74,7 +96,7 @@ def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
         if device.type == "cuda":
             return None if torch.cuda.is_available() else NO_GPU
         if device.type == "cpu" and _interpreting_triton():
-            return None
+            return _INTERPRETER_PROBLEM
         return (
             f"backend 'triton' runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set "
             f"before rkkd_kernels is imported; got {device.type}"

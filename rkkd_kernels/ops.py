@@ -104,7 +104,8 @@ def _backward(ctx, grad_loss, grad_of_grad_s, grad_of_grad_t):
 
 
 def _batching_rule(op: Callable) -> Callable:
-    """The vmap rule of ``op``: rows are independent, so a vmapped dimension is more rows.
+    """The vmap rule of ``op`` (or of anything called as the op is): rows are independent, so a
+    vmapped dimension is more rows.
 
     Each input's vmapped dimension moves to the front (an input vmap does not map over is expanded
     to the batch, a view); ``(batch, rows, C)`` flattens to ``(batch * rows, C)`` and one call of
@@ -141,15 +142,22 @@ class _Kendall(torch.autograd.Function):
     ``torch.library.register_autograd`` builds an autograd.Function without a ``setup_context``
     staticmethod, which ``torch.func.grad`` and ``vjp`` refuse (a limitation of torch itself). Under
     torch.func transforms ``call_fused`` therefore applies this class, which runs the same
-    ``_setup_context`` and ``_backward``; under vmap the generated rule runs ``forward`` on batched
-    tensors, where the op's batching rule takes over.
+    ``_setup_context`` and ``_backward``. Its vmap rule is the op's, around this class: the batched
+    inputs become more rows of one ``apply``, so a gradient taken through the vmap is this class's
+    plain backward. (torch's generated rule would do too on newer torch, but torch 2.6 fails in it
+    when some of the outputs get no gradient, as the gradients outputs here never do.)
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(student, teacher, k, hard_teacher, need_grad_student, need_grad_teacher, op):
         return op(student, teacher, k, hard_teacher, need_grad_student, need_grad_teacher)
+
+    @staticmethod
+    def vmap(info, in_dims, student, teacher, k, hard_teacher, need_grad_student,
+             need_grad_teacher, op):
+        rule = _batching_rule(lambda *args: _Kendall.apply(*args, op))
+        return rule(info, in_dims[:6], student, teacher, k, hard_teacher, need_grad_student,
+                    need_grad_teacher)
 
     # The op's arguments come first, in the schema's order, so that the shared functions see the
     # same inputs and needs_input_grad as under the op's own autograd; the op itself comes last.

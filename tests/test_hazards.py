@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import backend_params
+from rkkd_kernels import backends
 from helpers import assert_row_precise, loss_and_grads, truth
 
 BACKENDS = backend_params()
@@ -65,10 +66,12 @@ def test_rows_spanning_the_whole_range(backend_device, dtype):
 def test_triton_rejects_k_below_its_range():
     """Triton passes k as float32 halves: a k below 2^-100 would lose its low half (and below
     float32's range, all of it) and compute garbage; it is refused with a clear error instead."""
-    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = backends.why_unavailable("triton", torch.device(device))
+    if reason is not None:
+        pytest.skip(reason)
     from rkkd_kernels import triton_kernel as tk
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     s = torch.randn(2, 5, dtype=torch.float64, device=device)
     with pytest.raises(RuntimeError, match="k"):
         torch.ops.rkkd.kendall_triton(s, s, 1e-306, False, False, False)

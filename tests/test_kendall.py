@@ -333,6 +333,28 @@ def test_triton_backend_loads_wherever_triton_imports():
     assert backends._TRITON_MISSING is None, backends._TRITON_MISSING
 
 
+def test_an_interpreter_too_old_for_this_numpy_is_named(monkeypatch):
+    """Triton's interpreter before 3.8 cannot run the kernels under numpy 2 (integer arguments
+    arrive as 1-element arrays): the backend is then unavailable on CPU tensors, with that reason,
+    instead of failing deep inside the interpreter."""
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    try:
+        int(numpy.ones(1))
+        numpy_refuses = False
+    except TypeError:
+        numpy_refuses = True
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    reason = backends._interpreter_problem()
+    if numpy_refuses:
+        assert reason is not None and "needs Triton >= 3.8" in reason and "3.6.0" in reason
+    else:
+        assert reason is None
+    monkeypatch.setattr(triton, "__version__", "3.8.0")
+    assert backends._interpreter_problem() is None
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("where", ["student", "teacher"])
