@@ -209,7 +209,8 @@ for attempt in range(2):
 out["attempts"] = _ext.cpu_extension().attempts
 out["available"] = rkkd_kernels.available_backends()
 want = kendall_loss(s, t, backend="reference")
-out["triton_error"] = (kendall_loss(s, t, backend="triton") - want).abs().item()
+if out["available"]["triton"] is None:
+    out["triton_error"] = (kendall_loss(s, t, backend="triton") - want).abs().item()
 print(json.dumps(out))
 """
 
@@ -233,7 +234,11 @@ def test_a_broken_compiler_leaves_the_package_working(tmp_path):
     assert out["seconds1"] < 1.0
     assert out["available"]["cpu"] in first
     assert out["available"]["reference"] is None
-    assert out["triton_error"] < 1e-12  # the Triton backend (interpreted here) is unaffected
+    # The Triton backend (interpreted here) is unaffected: as available as in this process, and
+    # where it is, right.
+    assert out["available"]["triton"] == backends.why_unavailable("triton", torch.device("cpu"))
+    if out["available"]["triton"] is None:
+        assert out["triton_error"] < 1e-12
 
 
 def test_main_reports_versions_backends_and_the_variant(tmp_path):

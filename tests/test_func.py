@@ -210,6 +210,13 @@ def test_second_derivative_is_refused(backend_device):
         grad(lambda s: grad(loss)(s, t).pow(2).sum())(s.detach())
 
 
+# torch.compile of torch.func.grad around the op: torch 2.6's tracer runs the op's own autograd
+# under the transform and refuses it; 2.11 and 2.14 pass (versions in between not checked).
+OLD_TORCH_COMPILE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 11)
+
+
+@pytest.mark.skipif(OLD_TORCH_COMPILE, reason="torch.compile of torch.func transforms of the op "
+                    "needs torch >= 2.11 (fails in torch 2.6's tracer; 2.7-2.10 not checked)")
 @pytest.mark.parametrize("backend_device", BACKENDS)
 def test_compiled_grad_and_vmap(backend_device):
     """torch.compile(fullgraph=True) of grad, of vmap, and of a vmap that autograd differentiates,
