@@ -60,6 +60,7 @@ BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
 @dataclass
 class Instruction:
     address: int
+    predicate: str  # "@!P2 " or ""
     opcode: str  # without modifiers: FFMA, MUFU, ...
     modifiers: str  # ".RCP", ".E", ...
     operands: str
@@ -75,8 +76,9 @@ def parse_functions(sass: str) -> Dict[str, List[Instruction]]:
             continue
         match = INSTRUCTION.search(line)
         if match and current is not None:
-            address, _, opcode, modifiers, operands = match.groups()
-            current.append(Instruction(int(address, 16), opcode, modifiers or "", operands.strip()))
+            address, predicate, opcode, modifiers, operands = match.groups()
+            current.append(Instruction(int(address, 16), predicate or "", opcode, modifiers or "",
+                                       operands.strip()))
     return functions
 
 
@@ -139,6 +141,19 @@ def disassemble(cubin: bytes) -> str:
                               check=True).stdout
 
 
+RESOURCES = re.compile(r"Function (\S+):\s*REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)")
+
+
+def resources(cubin: bytes) -> Dict[str, Tuple[int, int]]:
+    """{mangled function name: (registers per thread, local memory bytes per thread)}."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    return {name: (int(regs), int(local)) for name, regs, local in RESOURCES.findall(text)}
+
+
 def triton_cubin(block: int, warps: int) -> bytes:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("benchmarks.sass_loop compiles for GPUs: run it without TRITON_INTERPRET=1")
@@ -193,7 +208,7 @@ def kernel_code(kernel: str, sass: str) -> Tuple[str, List[Instruction]]:
     return name, functions[name]
 
 
-def report(kernel: str, label: str, body: List[Instruction]) -> None:
+def report(label: str, body: List[Instruction]) -> None:
     counts, unknown = count_classes(body)
     pairs = reciprocals(body) / 2
     print(f"{label}: hot loop {body[0].address:#x}..{body[-1].address:#x}, {len(body)} instructions "
@@ -228,11 +243,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             cubin, label = cuda_cubin(), "CUDA"
         name, code = kernel_code(kernel, disassemble(cubin))
         body = hot_loop(code)
-        report(kernel, label, body)
+        report(label, body)
+        usage = resources(cubin)
+        regs, local = usage[name]
+        # Every pair kernel of the build (CUDA: each dtype, path and flag set) must stay unspilled.
+        spilling = sorted(n for n, (_, spill) in usage.items() if spill and "pair" in n)
+        print(f"  registers {regs}, local memory {local} B per thread; pair kernels in this build "
+              f"that spill: {len(spilling)} of {sum('pair' in n for n in usage)}")
+        for n in spilling:
+            print(f"    spills {usage[n][1]} B: {n}")
         if args.dump:
             with open(args.dump if len(kernels) == 1 else f"{args.dump}.{kernel}", "w") as f:
                 f.write(f"// {name}\n")
-                f.writelines(f"/*{i.address:04x}*/ {i.opcode}{i.modifiers} {i.operands} ;\n" for i in body)
+                f.writelines(f"/*{i.address:04x}*/ {i.predicate}{i.opcode}{i.modifiers} {i.operands} ;\n"
+                             for i in body)
     return 0
 
 
