@@ -484,11 +484,10 @@ int multiprocessor_count() {
 }
 
 // Blocks per row. Up to the number of blocks the GPU holds at once (kFloatBlocksPerSM or
-// kDoubleBlocksPerSM per SM),
-// as many as fit in one wave: all run side by side and end together, rather than a short second
-// wave trailing behind. No more than the row has tile pairs or kMaxSplits, and a scratch of at
-// most kScratchSoftLimit bytes unless even 4 splits exceed it (then 4: a long row still spreads
-// over a few SMs).
+// kDoubleBlocksPerSM per SM), as many as fit in one wave: all run side by side and end together,
+// rather than a short second wave trailing behind. No more than the row has tile pairs or
+// kMaxSplits, and a scratch of at most kScratchSoftLimit bytes unless even 4 splits exceed it
+// (then 4: a long row still spreads over a few SMs).
 int choose_splits(int64_t rows, int64_t c, int sums_per_row, size_t acc_bytes, int sms) {
   const int64_t n_tiles = (c + kTile - 1) / kTile;
   const int64_t tile_pairs = n_tiles * (n_tiles + 1) / 2;
