@@ -49,13 +49,19 @@ namespace {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullWarp = 0xffffffffu;
-constexpr int kWarps = 4;                             // warps per block of pair_sums
-constexpr int kThreads = kWarps * kWarpSize;          // 128
-constexpr int kLaneRows = 2;                          // tile-I channels each lane owns
+constexpr int kWarps = 2;                             // warps per block of pair_sums
+constexpr int kThreads = kWarps * kWarpSize;          // 64
+// Tile-I channels each lane owns: the three shuffles that pass a traveller on serve kLaneRows
+// pairs (4: 0.75 shuffles per pair, 2: 1.5 in the sm_90 SASS of the loop).
+constexpr int kLaneRows = 4;
 constexpr int kChunks = kWarps * kLaneRows;           // 32-channel chunks per tile
 constexpr int kTile = kChunks * kWarpSize;            // 256 channels
 constexpr int kMaxSplits = 64;                        // blocks per row, at most
 constexpr int64_t kScratchSoftLimit = int64_t(64) << 20;  // bytes; see choose_splits
+// Blocks of pair_sums per SM that the registers must allow: 64 registers per thread for float,
+// 128 for double (65536 per SM).
+constexpr int kFloatBlocksPerSM = 16;
+constexpr int kDoubleBlocksPerSM = 8;
 constexpr int kPlanThreads = 256;
 constexpr int kFinishThreads = 256;
 
@@ -84,8 +90,7 @@ struct RatioPath {
   static constexpr bool kFloat = std::is_same<T, float>::value;
   static constexpr RowPath kPath = kSmall ? (kFloat ? RowPath::kFloatSmall : RowPath::kDoubleSmall)
                                           : (kFloat ? RowPath::kFloatRatio : RowPath::kDoubleRatio);
-  // float registers allow 8 blocks of 128 threads per SM; double needs more registers.
-  static constexpr int kMinBlocksPerSM = kFloat ? 8 : 4;
+  static constexpr int kMinBlocksPerSM = kFloat ? kFloatBlocksPerSM : kDoubleBlocksPerSM;
   static __device__ __forceinline__ T value(double x, double two_k, double centre, bool keep_logit) {
     if (keep_logit) return T(x);
     const T arg = T(two_k * (x - centre));
@@ -104,7 +109,7 @@ using SmallSpreadPath = RatioPath<T, true>;
 struct DirectPath {
   using value_t = double;
   static constexpr RowPath kPath = RowPath::kDirect;
-  static constexpr int kMinBlocksPerSM = 4;
+  static constexpr int kMinBlocksPerSM = kDoubleBlocksPerSM;
   static __device__ __forceinline__ double value(double x, double, double, bool) { return x; }
   static __device__ __forceinline__ double padding() { return 0.0; }
   static __device__ __forceinline__ TanhPair<double> tanh_of(double x_i, double x_j, double k) {
@@ -188,8 +193,9 @@ __global__ void __launch_bounds__(kPlanThreads)
 // 2. pair_sums.
 
 // The chunk of a tile whose channels lane rows q of warp w own. Snake order (w, then back for odd
-// q) gives every warp an equal share of a diagonal tile's triangle: warp w owns chunks w and
-// 2 kWarps - 1 - w, which meet 2 kWarps - 1 later chunks together.
+// q) gives every warp an equal share of a diagonal tile's triangle: for each pair of lane rows
+// (2p, 2p + 1) warp w owns chunks 2p kWarps + w and (2p + 2) kWarps - 1 - w, which meet the same
+// number of later chunks in all for every w.
 __device__ __forceinline__ int owned_chunk(int warp, int q) {
   return q * kWarps + ((q & 1) ? kWarps - 1 - warp : warp);
 }
@@ -477,15 +483,16 @@ int multiprocessor_count() {
   return count;
 }
 
-// Blocks per row. Up to the number of blocks the GPU holds at once (8 per SM for float, 4 for double),
-// as many as fit in one wave: all run side by side and end together, rather than a short second
-// wave trailing behind. No more than the row has tile pairs or kMaxSplits, and a scratch of at
-// most kScratchSoftLimit bytes unless even 4 splits exceed it (then 4: a long row still spreads
-// over a few SMs).
+// Blocks per row. Up to the number of blocks the GPU holds at once (kFloatBlocksPerSM or
+// kDoubleBlocksPerSM per SM), as many as fit in one wave: all run side by side and end together,
+// rather than a short second wave trailing behind. No more than the row has tile pairs or
+// kMaxSplits, and a scratch of at most kScratchSoftLimit bytes unless even 4 splits exceed it
+// (then 4: a long row still spreads over a few SMs).
 int choose_splits(int64_t rows, int64_t c, int sums_per_row, size_t acc_bytes, int sms) {
   const int64_t n_tiles = (c + kTile - 1) / kTile;
   const int64_t tile_pairs = n_tiles * (n_tiles + 1) / 2;
-  const int64_t resident_blocks = int64_t(sms) * (acc_bytes == sizeof(double) ? 4 : 8);
+  const int64_t resident_blocks =
+      int64_t(sms) * (acc_bytes == sizeof(double) ? kDoubleBlocksPerSM : kFloatBlocksPerSM);
   int64_t splits = resident_blocks / rows;
   const int64_t bytes_per_split = rows * c * sums_per_row * int64_t(acc_bytes);
   splits = std::min(splits, std::max<int64_t>(4, kScratchSoftLimit / bytes_per_split));

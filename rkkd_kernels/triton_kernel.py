@@ -27,10 +27,13 @@ Usually there is one split per row (rows >= number of SMs); the partial row is t
 itself and the same program scales it at the end (one launch). With few rows, each row gets up to
 MAX_SPLITS splits so that every SM has work; splits > 0 write scratch rows, and a second kernel
 adds the partial rows in split order (a fixed-order two-stage reduction) and scales them. The
-scratch holds (splits - 1) * rows < SMs rows of C, so extra memory stays O(rows * C).
+scratch holds (splits - 1) * rows < SMs rows of C; each program also keeps two rows of C, its
+student's and teacher's weights (below), 2 * rows * splits rows in all: extra memory stays
+O(rows * C).
 
 *tanh of a pair, exactly for every spread.* Per row, with centre c = (max + min) / 2 and
-a_i = exp(2k (x_i - c)) (one exp per element and tile, not per pair):
+a_i = exp(2k (x_i - c)) (one exp per element and program, not per pair or tile: each program
+writes its row's weights into its own weight rows once, and the tile loop loads them):
 
     tanh(k (x_i - x_j)) = p - q,   (1 - tanh^2) / 4 = p * q,   p = a_i / (a_i + a_j), q = a_j / (a_i + a_j)
 
@@ -45,9 +48,10 @@ cannot overflow either; the choice is one uniform branch per row, taken inside t
 sync): the rule of choose_row_path in csrc/pair_math.h (see _row_form). The ratio form is also what
 makes the GPU fast:
 one reciprocal per pair and tensor (rcp.approx.ftz.f32, 1 ulp, for float32 on the GPU), and one
-exp2 per element and tile, with 2k / ln 2 folded into a per-row scale; no libdevice tanh, and none
-of tanh.approx's 2^-11 error. The interpreter, which has no libdevice, runs the same code with an
-exact division. Interior tiles skip the per-pair mask; only diagonal and last tiles carry it.
+exp2 per element and program, with 2k / ln 2 folded into a per-row scale; no libdevice tanh, and
+none of tanh.approx's 2^-11 error. The interpreter, which has no libdevice, runs the same code with an
+exact division. Interior tiles skip the per-pair mask and the bounds tests of their loads and
+stores; only diagonal and last tiles carry them.
 
 Under TRITON_INTERPRET=1 the op is an opaque ``custom_op`` (fake tensors cannot run interpreted
 kernels); on the GPU it is a ``triton_op``, so torch.compile sees the kernels.
@@ -167,11 +171,17 @@ def _sign(x):
 
 
 @triton.jit
-def _load_tile(row_ptr, offs, C, centre, ACC: tl.constexpr):
-    """A tile of a row in the accumulation dtype; lanes past C hold the row centre (finite)."""
-    inside = offs < C
-    x = tl.load(row_ptr + offs, mask=inside, other=0.0).to(ACC)
-    return tl.where(inside, x, centre)
+def _load_weights(w_row, offs, C, MASKED: tl.constexpr):
+    """A tile of a program's weight row (see _store_weights); lanes past C hold 1, a finite weight
+    of every form (their pairs are masked out).
+
+    MASKED False: the caller knows every lane is below C (an interior tile), so no compare per lane.
+    """
+    if MASKED:
+        u = tl.load(w_row + offs, mask=offs < C, other=1.0)
+    else:
+        u = tl.load(w_row + offs)
+    return u
 
 
 @triton.jit
@@ -212,6 +222,25 @@ def _weights(x, centre, two_k, exp2_scale, FORM: tl.constexpr):
 
 
 @triton.jit
+def _store_weights(s_row, t_row, ws_row, wt_row, C, s_centre, t_centre, two_k, exp2_scale,
+                   ACC: tl.constexpr, HARD: tl.constexpr, FORM: tl.constexpr, BLOCK: tl.constexpr):
+    """The weights of _weights of both rows (a hard teacher: its logits), once per program, into its
+    own weight rows: the tile loop loads them instead of taking an exp of each tile's j side for
+    every tile-row (and in every warp that holds the tile's j side)."""
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, C, BLOCK):
+        cols = start + offs
+        inside = cols < C
+        us = _weights(tl.load(s_row + cols, mask=inside, other=0.0).to(ACC), s_centre, two_k,
+                      exp2_scale, FORM)
+        tl.store(ws_row + cols, us, mask=inside)
+        ut = tl.load(t_row + cols, mask=inside, other=0.0).to(ACC)
+        if not HARD:
+            ut = _weights(ut, t_centre, two_k, exp2_scale, FORM)
+        tl.store(wt_row + cols, ut, mask=inside)
+
+
+@triton.jit
 def _row_form(spread, ratio_limit):
     """FORM of a row of finite logits from k * max(spread of student, of teacher): the rule of
     choose_row_path in csrc/pair_math.h, less its double ratio form (a float32 row beyond the float
@@ -221,18 +250,23 @@ def _row_form(spread, ratio_limit):
 
 
 @triton.jit
-def _add_into(row_ptr, offs, C, delta):
-    """row[offs] += delta on this program's own partial row.
+def _add_into(row_ptr, offs, C, delta, MASKED: tl.constexpr):
+    """row[offs] += delta on this program's own partial row (MASKED False: every offs is below C).
 
     Several threads may load and store one element (replicated layouts), and warps drift apart: the
     first barrier makes every earlier store visible before anyone reads, the second makes every
     read happen before anyone writes. Barriers are no-ops under the interpreter.
     """
-    inside = offs < C
     tl.debug_barrier()
-    old = tl.load(row_ptr + offs, mask=inside, other=0.0)
-    tl.debug_barrier()
-    tl.store(row_ptr + offs, old + delta, mask=inside)
+    if MASKED:
+        inside = offs < C
+        old = tl.load(row_ptr + offs, mask=inside, other=0.0)
+        tl.debug_barrier()
+        tl.store(row_ptr + offs, old + delta, mask=inside)
+    else:
+        old = tl.load(row_ptr + offs)
+        tl.debug_barrier()
+        tl.store(row_ptr + offs, old + delta)
 
 
 @triton.jit
@@ -256,8 +290,8 @@ def _row_range(row_ptr, C, ACC: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _tile_pair(
     us_i, ut_i, cols_i, tj, tau_acc, gs_acc, gt_acc,
-    s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, two_k, exp2_scale,
-    ACC: tl.constexpr, HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
+    ws_row, wt_row, gs_row, gt_row, C, two_k, exp2_scale,
+    HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
     FORM: tl.constexpr, MASKED: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One tile (ti, tj) of pairs: i-side terms into the register tiles, j-side into the row.
@@ -266,14 +300,13 @@ def _tile_pair(
     tiles skip the per-pair mask.
     """
     cols_j = tj * BLOCK + tl.arange(0, BLOCK)
-    us_j = _weights(_load_tile(s_row, cols_j, C, s_centre, ACC), s_centre, two_k, exp2_scale, FORM)
-    ut_j = _load_tile(t_row, cols_j, C, t_centre, ACC)
+    us_j = _load_weights(ws_row, cols_j, C, MASKED)
+    ut_j = _load_weights(wt_row, cols_j, C, MASKED)
     th_s, qs_s = _tanh_pair(us_i[:, None], us_j[None, :], two_k, exp2_scale, FORM, FAST_RCP)
     if HARD:
         w = _sign(ut_i[:, None] - ut_j[None, :])
         qs_t = w  # unused: a hard teacher has no gradient
     else:
-        ut_j = _weights(ut_j, t_centre, two_k, exp2_scale, FORM)
         w, qs_t = _tanh_pair(ut_i[:, None], ut_j[None, :], two_k, exp2_scale, FORM, FAST_RCP)
     if MASKED:
         # j > i also drops every lane past C on the i side (j < C <= i there).
@@ -284,18 +317,17 @@ def _tile_pair(
     if NEED_GS:
         term = qs_s * w
         gs_acc += term
-        _add_into(gs_row, cols_j, C, -tl.sum(term, axis=0))
+        _add_into(gs_row, cols_j, C, -tl.sum(term, axis=0), MASKED)
     if NEED_GT:
         term = th_s * qs_t
         gt_acc += term
-        _add_into(gt_row, cols_j, C, -tl.sum(term, axis=0))
+        _add_into(gt_row, cols_j, C, -tl.sum(term, axis=0), MASKED)
     return tau_acc, gs_acc, gt_acc
 
 
 @triton.jit
 def _tile_row(
-    s_row, t_row, gs_row, gt_row, ti, C,
-    s_centre, t_centre, two_k, exp2_scale,
+    ws_row, wt_row, gs_row, gt_row, ti, C, two_k, exp2_scale,
     ACC: tl.constexpr, HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
     FORM: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -306,10 +338,8 @@ def _tile_row(
     sums go in at each tile tj as it is done.
     """
     cols_i = ti * BLOCK + tl.arange(0, BLOCK)
-    us_i = _weights(_load_tile(s_row, cols_i, C, s_centre, ACC), s_centre, two_k, exp2_scale, FORM)
-    ut_i = _load_tile(t_row, cols_i, C, t_centre, ACC)
-    if not HARD:
-        ut_i = _weights(ut_i, t_centre, two_k, exp2_scale, FORM)
+    us_i = _load_weights(ws_row, cols_i, C, True)
+    ut_i = _load_weights(wt_row, cols_i, C, True)
     tau_acc = tl.zeros([BLOCK, BLOCK], ACC)
     gs_acc = tl.zeros([BLOCK, BLOCK], ACC)
     gt_acc = tl.zeros([BLOCK, BLOCK], ACC)
@@ -317,22 +347,22 @@ def _tile_row(
     n_full_tiles = C // BLOCK
     tau_acc, gs_acc, gt_acc = _tile_pair(
         us_i, ut_i, cols_i, ti, tau_acc, gs_acc, gt_acc,
-        s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, two_k, exp2_scale,
-        ACC, HARD, NEED_GS, NEED_GT, FORM, True, FAST_RCP, BLOCK)
+        ws_row, wt_row, gs_row, gt_row, C, two_k, exp2_scale,
+        HARD, NEED_GS, NEED_GT, FORM, True, FAST_RCP, BLOCK)
     for tj in range(ti + 1, n_full_tiles):
         tau_acc, gs_acc, gt_acc = _tile_pair(
             us_i, ut_i, cols_i, tj, tau_acc, gs_acc, gt_acc,
-            s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, two_k, exp2_scale,
-            ACC, HARD, NEED_GS, NEED_GT, FORM, False, FAST_RCP, BLOCK)
+            ws_row, wt_row, gs_row, gt_row, C, two_k, exp2_scale,
+            HARD, NEED_GS, NEED_GT, FORM, False, FAST_RCP, BLOCK)
     if (n_full_tiles < n_tiles) & (ti < n_tiles - 1):
         tau_acc, gs_acc, gt_acc = _tile_pair(
             us_i, ut_i, cols_i, n_tiles - 1, tau_acc, gs_acc, gt_acc,
-            s_row, t_row, gs_row, gt_row, C, s_centre, t_centre, two_k, exp2_scale,
-            ACC, HARD, NEED_GS, NEED_GT, FORM, True, FAST_RCP, BLOCK)
+            ws_row, wt_row, gs_row, gt_row, C, two_k, exp2_scale,
+            HARD, NEED_GS, NEED_GT, FORM, True, FAST_RCP, BLOCK)
     if NEED_GS:
-        _add_into(gs_row, cols_i, C, tl.sum(gs_acc, axis=1))
+        _add_into(gs_row, cols_i, C, tl.sum(gs_acc, axis=1), True)
     if NEED_GT:
-        _add_into(gt_row, cols_i, C, tl.sum(gt_acc, axis=1))
+        _add_into(gt_row, cols_i, C, tl.sum(gt_acc, axis=1), True)
     return tl.sum(tl.sum(tau_acc, axis=1), axis=0)
 
 
@@ -377,7 +407,7 @@ def interpreter_block(c: int) -> int:
 @triton.jit
 def _kendall_pairs_kernel(
     s_ptr, t_ptr, s_stride_row, t_stride_row,
-    loss_ptr, gs_ptr, gt_ptr, gs_scratch_ptr, gt_scratch_ptr, tau_scratch_ptr,
+    loss_ptr, gs_ptr, gt_ptr, gs_scratch_ptr, gt_scratch_ptr, tau_scratch_ptr, weights_ptr,
     rows, C, k_hi, k_lo, exp2_scale_hi, exp2_scale_lo, ratio_limit,
     HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
     FUSED_FINALIZE: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
@@ -387,6 +417,8 @@ def _kendall_pairs_kernel(
     FUSED_FINALIZE (one split per row): writes the loss and scales the gradient rows in place.
     Otherwise: leaves this split's tau in tau_scratch and its unscaled partial gradient row in the
     output (split 0) or in the scratch rows (split s > 0 at scratch row (s - 1) * rows + row).
+    weights_ptr: two rows of C per program (row * splits + split), the student's and the teacher's
+    weights (_store_weights).
     """
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
@@ -432,6 +464,19 @@ def _kendall_pairs_kernel(
             tl.store(gs_row + cols, tl.zeros([BLOCK], ACC), mask=cols < C)
         if NEED_GT:
             tl.store(gt_row + cols, tl.zeros([BLOCK], ACC), mask=cols < C)
+    ws_row = weights_ptr + (row * n_splits + split) * 2 * C
+    wt_row = ws_row + C
+    if not bad:
+        if form == FORM_RATIO:
+            _store_weights(s_row, t_row, ws_row, wt_row, C, s_centre, t_centre, two_k, exp2_scale,
+                           ACC, HARD, FORM_RATIO, BLOCK)
+        elif form == FORM_SMALL:
+            _store_weights(s_row, t_row, ws_row, wt_row, C, s_centre, t_centre, two_k, exp2_scale,
+                           ACC, HARD, FORM_SMALL, BLOCK)
+        else:
+            _store_weights(s_row, t_row, ws_row, wt_row, C, s_centre, t_centre, two_k, exp2_scale,
+                           ACC, HARD, FORM_DIRECT, BLOCK)
+    tl.debug_barrier()  # the zeros and the weights are visible to every thread before its loads
 
     n_tiles = tl.cdiv(C, BLOCK)
     n_rounds = tl.where(bad, 0, tl.cdiv(n_tiles, n_splits))
@@ -441,16 +486,13 @@ def _kendall_pairs_kernel(
         ti = rnd * n_splits + split + (rnd % 2) * (n_splits - 1 - 2 * split)
         if ti < n_tiles:
             if form == FORM_RATIO:  # the usual row first
-                tau += _tile_row(s_row, t_row, gs_row, gt_row, ti, C,
-                                 s_centre, t_centre, two_k, exp2_scale,
+                tau += _tile_row(ws_row, wt_row, gs_row, gt_row, ti, C, two_k, exp2_scale,
                                  ACC, HARD, NEED_GS, NEED_GT, FORM_RATIO, FAST_RCP, BLOCK)
             elif form == FORM_SMALL:
-                tau += _tile_row(s_row, t_row, gs_row, gt_row, ti, C,
-                                 s_centre, t_centre, two_k, exp2_scale,
+                tau += _tile_row(ws_row, wt_row, gs_row, gt_row, ti, C, two_k, exp2_scale,
                                  ACC, HARD, NEED_GS, NEED_GT, FORM_SMALL, FAST_RCP, BLOCK)
             else:
-                tau += _tile_row(s_row, t_row, gs_row, gt_row, ti, C,
-                                 s_centre, t_centre, two_k, exp2_scale,
+                tau += _tile_row(ws_row, wt_row, gs_row, gt_row, ti, C, two_k, exp2_scale,
                                  ACC, HARD, NEED_GS, NEED_GT, FORM_DIRECT, False, BLOCK)
 
     c_acc = tl.sum(zero + C, axis=0)
@@ -673,6 +715,8 @@ def _kendall_triton(
     gs_scratch = student.new_empty((scratch_rows, c), dtype=acc) if need_gs and not fused else nothing()
     gt_scratch = student.new_empty((scratch_rows, c), dtype=acc) if need_gt and not fused else nothing()
     tau_scratch = nothing() if fused else student.new_empty((rows, splits), dtype=acc)
+    # Each program's weights of the student and teacher rows (see _store_weights).
+    weights = student.new_empty((rows * splits, 2, c), dtype=acc)
     k_hi, k_lo = _float32_halves(float(k))
     exp2_scale_hi, exp2_scale_lo = _float32_halves(2.0 * float(k) / math.log(2.0))
     # Rows may be strided (a view of a bigger tensor); columns must be dense for the kernel.
@@ -683,7 +727,7 @@ def _kendall_triton(
 
     pair_args = (
         student, teacher, student.stride(0), teacher.stride(0),
-        loss, grad_s, grad_t, gs_scratch, gt_scratch, tau_scratch,
+        loss, grad_s, grad_t, gs_scratch, gt_scratch, tau_scratch, weights,
         rows, c, k_hi, k_lo, exp2_scale_hi, exp2_scale_lo, RATIO_MAX_SPREAD[acc],
     )
     flags = dict(HARD=bool(hard_teacher), NEED_GS=need_gs, NEED_GT=need_gt, FUSED_FINALIZE=fused)
