@@ -173,26 +173,6 @@ double direct_row(const double* x, const double* y, int64_t c, int64_t i_begin, 
   return tau;
 }
 
-struct Range {
-  double lo = std::numeric_limits<double>::infinity();
-  double hi = -std::numeric_limits<double>::infinity();
-  bool finite = true;
-  double spread() const { return hi - lo; }
-  double centre() const { return row_centre(lo, hi); }
-};
-
-template <typename scalar_t>
-Range row_range(const scalar_t* x, int64_t c) {
-  Range r;
-  for (int64_t i = 0; i < c; ++i) {
-    const double v = static_cast<double>(x[i]);
-    r.finite = r.finite && std::isfinite(v);
-    r.lo = std::min(r.lo, v);
-    r.hi = std::max(r.hi, v);
-  }
-  return r;
-}
-
 // A row of at least kSplitColumns is cut into chunks of i (each with all its pairs j > i), so that
 // batches of fewer rows than threads still keep every thread busy. The cut depends on C alone and
 // the chunks' sums are added in chunk order, in double: a row's bits depend neither on the batch
@@ -215,7 +195,7 @@ int64_t chunk_start(int64_t c, int64_t m, int64_t n) {
 
 // How a row is computed: its ranges, and its path (pair_math.h's choose_row_path).
 struct RowPlan {
-  Range rs, rt;
+  RowRange rs, rt;
   RowPath path;
   bool small() const { return path == RowPath::kFloatSmall || path == RowPath::kDoubleSmall; }
   bool in_float() const { return path == RowPath::kFloatSmall || path == RowPath::kFloatRatio; }

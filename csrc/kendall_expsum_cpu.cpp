@@ -39,6 +39,7 @@
 #include "expsum.h"
 #include "kendall_op.h"
 #include "op_name.h"
+#include "pair_math.h"
 #include "simd.h"
 
 namespace rkkd {
@@ -397,25 +398,6 @@ double scan(RowBuffers<T>& buf, int64_t blocks) {
   return kBackward ? loss.sum() : 0.0;
 }
 
-template <typename T>
-struct Range {
-  double lo = std::numeric_limits<double>::infinity();
-  double hi = -std::numeric_limits<double>::infinity();
-  bool finite = true;
-};
-
-template <typename scalar_t>
-Range<scalar_t> row_range(const scalar_t* x, int64_t c) {
-  Range<scalar_t> r;
-  for (int64_t i = 0; i < c; ++i) {
-    const double v = static_cast<double>(x[i]);
-    r.finite = r.finite && std::isfinite(v);
-    r.lo = std::min(r.lo, v);
-    r.hi = std::max(r.hi, v);
-  }
-  return r;
-}
-
 template <typename scalar_t>
 bool all_finite(const scalar_t* x, int64_t c) {
   bool finite = true;
@@ -427,9 +409,9 @@ bool all_finite(const scalar_t* x, int64_t c) {
 template <typename scalar_t, typename T>
 RowKind expsum_row(const scalar_t* s, const scalar_t* t, int64_t c, double k,
                    const Lattice<T>& lattice, RowBuffers<T>& buf, T* loss, T* grad_s) {
-  const Range<scalar_t> rs = row_range(s, c);
+  const RowRange rs = row_range(s, c);
   if (!rs.finite || !all_finite(t, c)) return RowKind::kNonFinite;
-  const double spread = k * (rs.hi - rs.lo);
+  const double spread = k * rs.spread();
   if (!(spread <= lattice.max_spread)) return RowKind::kPairs;
 
   // The teacher's order (descending, stable) and its tie groups.
@@ -448,8 +430,7 @@ RowKind expsum_row(const scalar_t* s, const scalar_t* t, int64_t c, double k,
     }
   }
 
-  // Halves first: (max + min) / 2 must not overflow for logits near the dtype's limit.
-  const double centre = 0.5 * rs.hi + 0.5 * rs.lo;
+  const double centre = rs.centre();
   const double two_k = 2.0 * k;
   using D = typename Simd<T>::D;
   constexpr int64_t DW = Simd<T>::DW;

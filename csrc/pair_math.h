@@ -22,8 +22,10 @@
 // - the direct form tanh(k (x_i - x_j)), for rows beyond the ratio form (the guarded slow path).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define RKKD_HOST_DEVICE __host__ __device__ __forceinline__
@@ -105,6 +107,28 @@ RKKD_HOST_DEVICE RowPath choose_row_path(bool finite, double k, double spread_st
 // The centre (max + min) / 2 of a row, halves first: hi + lo overflows for rows near the type's
 // largest value (1.7e308 + 1.69e308 is inf in double).
 RKKD_HOST_DEVICE double row_centre(double lo, double hi) { return 0.5 * hi + 0.5 * lo; }
+
+// A row's smallest and largest value (in double) and whether all of it is finite: what the CPU
+// kernels read before they choose a row's path (host code; the CUDA kernel reduces on the GPU).
+struct RowRange {
+  double lo = std::numeric_limits<double>::infinity();
+  double hi = -std::numeric_limits<double>::infinity();
+  bool finite = true;
+  double spread() const { return hi - lo; }
+  double centre() const { return row_centre(lo, hi); }
+};
+
+template <typename scalar_t>
+inline RowRange row_range(const scalar_t* x, int64_t c) {
+  RowRange r;
+  for (int64_t i = 0; i < c; ++i) {
+    const double v = static_cast<double>(x[i]);
+    r.finite = r.finite && std::isfinite(v);
+    r.lo = std::min(r.lo, v);
+    r.hi = std::max(r.hi, v);
+  }
+  return r;
+}
 
 template <typename T>
 struct TanhPair {
