@@ -11,12 +11,14 @@
 // (prefix and suffix over the tie groups strictly before and after x's group).
 #pragma once
 
+#include "namespace.h"
+
 #include <cmath>
 #include <cstdint>
 
 #include "pair_math.h"  // RKKD_HOST_DEVICE
 
-namespace rkkd {
+RKKD_NAMESPACE_BEGIN
 
 template <typename T>
 struct ExpsumLattice;
@@ -77,4 +79,4 @@ struct ExpsumScale {
   }
 };
 
-}  // namespace rkkd
+RKKD_NAMESPACE_END

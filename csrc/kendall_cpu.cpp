@@ -1,6 +1,8 @@
 // The CPU kernel of rkkd::kendall: loss and both gradients in one pass over each row's pairs.
 //
-// Rows are spread over torch's intra-op threads (OpenMP). A row of C >= 4096 is cut into up to 8
+// Compiled once per ISA variant (cpu_variant.h), called by cpu_library.cpp.
+//
+// Rows are spread over torch's intra-op threads (at::parallel_for, through cpu_library.cpp). A row of C >= 4096 is cut into up to 8
 // chunks of i, fixed by C alone, whose sums are added in chunk order: with at least as many rows
 // as threads each row runs on one thread, chunk after chunk; with fewer, the chunks of a few rows
 // run in parallel. Either way a row's bits are the same, whatever the batch or the thread count.
@@ -11,29 +13,20 @@
 // The inner loop runs over j > i on SIMD vectors (GCC/Clang vector extensions, so the same pair
 // functions of pair_math.h serve scalars and vectors); the last partial vector of each i is masked
 // rather than finished by a scalar loop.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-#include <torch/types.h>
-
 #include <algorithm>
 #include <cmath>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#include <cstring>
+#include <cstdlib>
 #include <limits>
-#include <utility>
-#include <vector>
+#include <type_traits>
 
-#include "kendall_op.h"
-#include "op_name.h"
+#include "cpu_variant.h"
 #include "pair_math.h"
 #include "simd.h"
 
-namespace rkkd {
+RKKD_NAMESPACE_BEGIN
 
 using F32Vec = Vec<float>;
 using F64Vec = Vec<double>;
@@ -73,7 +66,7 @@ namespace {
 // last vector of a row can read and write past C.
 template <typename T>
 struct RowBuffers {
-  std::vector<T> student, teacher, grad_s, grad_t;
+  Buffer<T> student, teacher, grad_s, grad_t;
   void resize(int64_t padded) {
     for (auto* b : {&student, &teacher, &grad_s, &grad_t}) b->assign(padded, T(0));
   }
@@ -265,7 +258,7 @@ double chunk_sums(int64_t c, double k, bool hard, const RowPlan& plan, int64_t i
       tau = hard ? direct_row<true>(a, b, c, i_begin, i_end, k, gs, gt)
                  : direct_row<false>(a, b, c, i_begin, i_end, k, gs, gt);
     } else {
-      TORCH_CHECK(false, "rkkd: the direct path computes in double");
+      std::abort();  // unreachable: choose_row_path computes the direct path in double only
     }
   } else if (plan.small()) {
     tau = weighted_chunk<T, true>(a, b, c, i_begin, i_end, hard, want_s, want_t, gs, gt);
@@ -338,102 +331,98 @@ void finish_row(int64_t c, double k, bool hard, const RowPlan& plan, int64_t n,
   }
 }
 
+// Where one row's partial sums live: n taus, n partial rows per gradient asked for.
+struct RowParts {
+  double* taus;
+  double* gs;
+  double* gt;
+};
+
 template <typename scalar_t, typename acc_t>
 void kendall_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t c, double k,
                   bool hard, acc_t* loss, acc_t* grad_s, acc_t* grad_t) {
   const int64_t n = num_chunks(c);
   const bool want_s = grad_s != nullptr, want_t = grad_t != nullptr && !hard;
-  // One row's partial sums: n taus, n partial rows per gradient asked for.
-  auto row_parts = [&](std::vector<double>& store, int64_t slot) {
+  auto row_parts = [&](Buffer<double>& store, int64_t slot) {
     const int64_t per_row = n + (want_s ? n * c : 0) + (want_t ? n * c : 0);
-    if (int64_t(store.size()) < (slot + 1) * per_row) store.resize((slot + 1) * per_row);
+    if (store.size() < (slot + 1) * per_row) store.resize((slot + 1) * per_row);
     double* base = store.data() + slot * per_row;
     double* gs = want_s ? base + n : nullptr;
     double* gt = want_t ? base + n + (want_s ? n * c : 0) : nullptr;
-    return std::make_tuple(base, gs, gt);
+    return RowParts{base, gs, gt};
   };
-  auto finish = [&](int64_t r, const RowPlan& plan, double* taus, double* gs, double* gt) {
-    finish_row(c, k, hard, plan, n, taus, gs, gt, loss + r, grad_s ? grad_s + r * c : nullptr,
-               grad_t ? grad_t + r * c : nullptr);
+  auto finish = [&](int64_t r, const RowPlan& plan, const RowParts& p) {
+    finish_row(c, k, hard, plan, n, p.taus, p.gs, p.gt, loss + r,
+               grad_s ? grad_s + r * c : nullptr, grad_t ? grad_t + r * c : nullptr);
   };
 
-  if (n == 1 || rows >= at::get_num_threads()) {
+  if (n == 1 || rows >= num_threads()) {
     // Enough rows for every thread: each row on one thread, its chunks one after the other.
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    parallel_rows(0, rows, 1, [&](int64_t begin, int64_t end) {
       ThreadBuffers buffers(c);
-      std::vector<double> store;
+      Buffer<double> store;
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* s_row = s + r * c;
         const scalar_t* t_row = t + r * c;
         const RowPlan plan = plan_row<scalar_t, acc_t>(s_row, t_row, c, k, hard);
-        auto [taus, gs, gt] = row_parts(store, 0);
+        const RowParts p = row_parts(store, 0);
         if (plan.path != RowPath::kNonFinite) {
           buffers.load(s_row, t_row, c, k, hard, plan);
           for (int64_t m = 0; m < n; ++m) {
-            taus[m] = buffers.chunk(c, k, hard, plan, chunk_start(c, m, n), chunk_start(c, m + 1, n),
-                                    gs ? gs + m * c : nullptr, gt ? gt + m * c : nullptr);
+            p.taus[m] = buffers.chunk(c, k, hard, plan, chunk_start(c, m, n), chunk_start(c, m + 1, n),
+                                      p.gs ? p.gs + m * c : nullptr, p.gt ? p.gt + m * c : nullptr);
           }
         }
-        finish(r, plan, taus, gs, gt);
+        finish(r, plan, p);
       }
     });
     return;
   }
   // Fewer rows than threads: the (row, chunk) pieces of a group of rows run in parallel, then the
   // rows are finished; a group is as many rows as keep the threads busy, to bound the partials.
-  const int64_t group = std::max<int64_t>(1, (at::get_num_threads() + n - 1) / n);
-  std::vector<double> store;
-  std::vector<RowPlan> plans(std::min(group, rows));
+  const int64_t group = std::max<int64_t>(1, (num_threads() + n - 1) / n);
+  Buffer<double> store;
+  Buffer<RowPlan> plans(std::min(group, rows));
   for (int64_t first = 0; first < rows; first += group) {
     const int64_t count = std::min(group, rows - first);
     for (int64_t g = 0; g < count; ++g) {
       plans[g] = plan_row<scalar_t, acc_t>(s + (first + g) * c, t + (first + g) * c, c, k, hard);
       row_parts(store, g);  // sized here, outside the parallel region
     }
-    at::parallel_for(0, count * n, 1, [&](int64_t begin, int64_t end) {
+    parallel_rows(0, count * n, 1, [&](int64_t begin, int64_t end) {
       ThreadBuffers buffers(c);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t g = item / n, m = item % n;
         if (plans[g].path == RowPath::kNonFinite) continue;
-        auto [taus, gs, gt] = row_parts(store, g);
+        const RowParts p = row_parts(store, g);
         // Each piece may land on another thread: each loads its row (O(C) beside O(C^2 / n)).
         buffers.load(s + (first + g) * c, t + (first + g) * c, c, k, hard, plans[g]);
-        taus[m] = buffers.chunk(c, k, hard, plans[g], chunk_start(c, m, n), chunk_start(c, m + 1, n),
-                                gs ? gs + m * c : nullptr, gt ? gt + m * c : nullptr);
+        p.taus[m] = buffers.chunk(c, k, hard, plans[g], chunk_start(c, m, n), chunk_start(c, m + 1, n),
+                                  p.gs ? p.gs + m * c : nullptr, p.gt ? p.gt + m * c : nullptr);
       }
     });
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) {
-        auto [taus, gs, gt] = row_parts(store, g);
-        finish(first + g, plans[g], taus, gs, gt);
-      }
+    parallel_rows(0, count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) finish(first + g, plans[g], row_parts(store, g));
     });
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cpu(const at::Tensor& student,
-                                                           const at::Tensor& teacher, double k,
-                                                           bool hard_teacher, bool need_grad_s,
-                                                           bool need_grad_t) {
-  check_kendall_inputs(student, teacher, k);
-  const at::Tensor s = student.contiguous();
-  const at::Tensor t = teacher.contiguous();
-  const int64_t rows = s.size(0), c = s.size(1);
-  at::Tensor loss, grad_s, grad_t;
-  std::tie(loss, grad_s, grad_t) = allocate_outputs(s, need_grad_s, need_grad_t);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "rkkd_kendall_cpu", [&] {
-    using acc_t = accumulate_t<scalar_t>;
-    kendall_rows<scalar_t, acc_t>(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), rows, c, k,
-                                  hard_teacher, loss.data_ptr<acc_t>(),
-                                  need_grad_s ? grad_s.data_ptr<acc_t>() : nullptr,
-                                  need_grad_t ? grad_t.data_ptr<acc_t>() : nullptr);
-  });
-  return {loss, grad_s, grad_t};
-}
-
 }  // namespace
-}  // namespace rkkd
 
-TORCH_LIBRARY_FRAGMENT(rkkd, m) {
-  m.def(RKKD_CPU_OP("kendall"), torch::dispatch(c10::DispatchKey::CPU, &rkkd::kendall_cpu));
+void kendall_pairs(const KendallArgs& a) {
+  dispatch_input_type(a.type, [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    kendall_rows<scalar_t, acc_t>(static_cast<const scalar_t*>(a.student),
+                                  static_cast<const scalar_t*>(a.teacher), a.rows, a.c, a.k,
+                                  a.hard_teacher, static_cast<acc_t*>(a.loss),
+                                  static_cast<acc_t*>(a.grad_student),
+                                  static_cast<acc_t*>(a.grad_teacher));
+  });
 }
+
+// This variant's entry points, which cpu_library.cpp looks up by the variant's namespace.
+extern const CpuVariant kVariant;
+const CpuVariant kVariant = {&kendall_pairs, &kendall_expsum};
+
+RKKD_NAMESPACE_END

@@ -14,35 +14,28 @@
 // exp is a SIMD polynomial; float inputs build y = exp(t_m + b) as (e^b e^{t_block}, in double) *
 // e^{t_m - t_block}: one multiplication per element and node, and exp(-y) is the only exponential.
 //
+// Compiled once per ISA variant (cpu_variant.h), called by cpu_library.cpp.
+//
 // Rows are spread over torch's intra-op threads, one row per thread, each with its own buffers
 // (O(threads * C) extra memory; nothing of size M x C is stored). A row's bits depend on its values
 // alone: not on the batch, the thread count or the run.
 //
 // A row with a non-finite logit gets NaN; a row with k * (max - min) beyond the lattice's max_spread
-// is computed by the pair kernel (rkkd::kendall on those rows), inside this op.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-#include <torch/types.h>
-
+// is computed by this variant's pair kernel (kendall_cpu.cpp) on those rows, inside this op.
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
-#include <vector>
 
+#include "cpu_variant.h"
 #include "expsum.h"
-#include "kendall_op.h"
-#include "op_name.h"
 #include "pair_math.h"
 #include "simd.h"
 
-namespace rkkd {
+RKKD_NAMESPACE_BEGIN
 namespace expsum_cpu {
 namespace {
 
@@ -60,10 +53,7 @@ struct Simd {
 
 template <typename To, typename From>
 inline To bits(From v) {
-  static_assert(sizeof(To) == sizeof(From), "same size");
-  To out;
-  std::memcpy(&out, &v, sizeof(To));
-  return out;
+  return bit_cast<To>(v);
 }
 
 // exp(x) on SIMD lanes for x <= kMax, and exactly 0 where x < kMin (the result would be below the
@@ -142,8 +132,8 @@ inline uint64_t descending_key(double v) {
 }
 
 template <typename K>
-void radix_sort(std::vector<K>& keys, std::vector<int32_t>& index, std::vector<K>& keys_tmp,
-                std::vector<int32_t>& index_tmp, int64_t c) {
+void radix_sort(Buffer<K>& keys, Buffer<int32_t>& index, Buffer<K>& keys_tmp,
+                Buffer<int32_t>& index_tmp, int64_t c) {
   keys_tmp.resize(c);
   index_tmp.resize(c);
   for (int64_t i = 0; i < c; ++i) index[i] = int32_t(i);
@@ -186,8 +176,8 @@ constexpr int64_t kFlushEvery = 16;
 // kFlushEvery terms, and no rounding error accumulates along the row.
 template <typename T>
 struct RunningSum {
-  std::vector<double> total, pending_total;
-  std::vector<T> base, recent, pending;
+  Buffer<double> total, pending_total;
+  Buffer<T> base, recent, pending;
 
   void reset(int64_t lanes) {
     total.assign(lanes, 0.0);
@@ -197,7 +187,7 @@ struct RunningSum {
     pending.assign(lanes, T(0));
   }
   void flush() {
-    for (size_t l = 0; l < total.size(); ++l) {
+    for (int64_t l = 0; l < total.size(); ++l) {
       total[l] += double(recent[l]);
       recent[l] = T(0);
       base[l] = T(total[l]);
@@ -207,7 +197,7 @@ struct RunningSum {
   }
   // The open tie group closes: its sum joins the total (the prefix of the groups after it).
   void close_group() {
-    for (size_t l = 0; l < total.size(); ++l) {
+    for (int64_t l = 0; l < total.size(); ++l) {
       total[l] += double(recent[l]);
       total[l] += pending_total[l] + double(pending[l]);
       recent[l] = T(0);
@@ -228,17 +218,17 @@ struct RunningSum {
 template <typename T>
 struct RowBuffers {
   using Key = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-  std::vector<Key> keys, keys_tmp;
-  std::vector<int32_t> order, order_tmp;
-  std::vector<int32_t> group_end;  // one past the last element of each tie group, in sorted order
-  std::vector<double> b;           // 2k (s - centre), sorted (double inputs: the y argument)
-  std::vector<double> a;           // exp(b), sorted (float inputs: y = a e^{t_block} * e^{t_m - t_block})
-  std::vector<double> prefix_part;  // sum_m F prefF of each element, sorted
-  std::vector<double> grad;         // suffix part - prefix part, sorted
+  Buffer<Key> keys, keys_tmp;
+  Buffer<int32_t> order, order_tmp;
+  Buffer<int32_t> group_end;  // one past the last element of each tie group, in sorted order
+  Buffer<double> b;                // 2k (s - centre), sorted (double inputs: the y argument)
+  Buffer<double> a;                // exp(b), sorted (float inputs: y = a e^{t_block} * e^{t_m - t_block})
+  Buffer<double> prefix_part;  // sum_m F prefF of each element, sorted
+  Buffer<double> grad;              // suffix part - prefix part, sorted
   // The lattice, per vector block of nodes and per lane (padded to whole vectors).
-  std::vector<double> block_scale;  // float: e^{t_block}, t_block the block's first node
-  std::vector<T> lane_scale;        // float: e^{t_m - t_block} (0 on padded lanes: y = 0, F = 0)
-  std::vector<T> node_t;            // double: t_m (a large negative number on padded lanes)
+  Buffer<double> block_scale;  // float: e^{t_block}, t_block the block's first node
+  Buffer<T> lane_scale;             // float: e^{t_m - t_block} (0 on padded lanes: y = 0, F = 0)
+  Buffer<T> node_t;                 // double: t_m (a large negative number on padded lanes)
   double block_span = 0;            // float: e^{(W - 1) h}, the largest lane_scale; double: (W - 1) h
   RunningSum<T> sum_f, sum_loss;
 };
@@ -459,29 +449,47 @@ RowKind expsum_row(const scalar_t* s, const scalar_t* t, int64_t c, double k,
   return RowKind::kExpsum;
 }
 
-// The rows that the pair kernel computes (k * R beyond the lattice's limit): the pair op of this
-// library's own ISA variant (op_name.h) on them.
-void pair_kernel_rows(const at::Tensor& s, const at::Tensor& t, double k, const std::vector<int64_t>& rows,
-                      bool need_grad_s, at::Tensor& loss, at::Tensor& grad_s) {
-  if (rows.empty()) return;
-  static const auto pair_op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("rkkd::" RKKD_CPU_OP("kendall"), "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                double, bool, bool, bool)>();
-  const at::Tensor index = at::tensor(rows, at::TensorOptions().dtype(at::kLong));
-  const auto out = pair_op.call(s.index_select(0, index), t.index_select(0, index), k, true,
-                                need_grad_s, false);
-  loss.index_copy_(0, index, std::get<0>(out));
-  if (need_grad_s) grad_s.index_copy_(0, index, std::get<1>(out));
+// The rows that the pair kernel computes (k * R beyond the lattice's limit): this variant's pair
+// kernel on a copy of those rows, its results put back in place. A row's result does not depend on
+// the other rows of its call, so these are the bits the pair kernel gives the row anywhere.
+template <typename scalar_t, typename T>
+void pair_kernel_rows(const scalar_t* s, const scalar_t* t, int64_t c, double k,
+                      const Buffer<int64_t>& rows, T* loss, T* grad_s) {
+  const int64_t n = rows.size();
+  if (n == 0) return;
+  Buffer<scalar_t> s_rows(n * c), t_rows(n * c);
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(static_cast<void*>(s_rows.data() + i * c), s + rows[i] * c, sizeof(scalar_t) * c);
+    std::memcpy(static_cast<void*>(t_rows.data() + i * c), t + rows[i] * c, sizeof(scalar_t) * c);
+  }
+  Buffer<T> loss_rows(n), grad_rows(grad_s ? n * c : 0);
+  KendallArgs args{};
+  args.type = std::is_same<scalar_t, Float16>::value    ? InputType::kHalf
+              : std::is_same<scalar_t, BFloat16>::value ? InputType::kBFloat16
+              : std::is_same<scalar_t, float>::value    ? InputType::kFloat
+                                                        : InputType::kDouble;
+  args.student = s_rows.data();
+  args.teacher = t_rows.data();
+  args.rows = n;
+  args.c = c;
+  args.k = k;
+  args.hard_teacher = true;
+  args.loss = loss_rows.data();
+  args.grad_student = grad_s ? grad_rows.data() : nullptr;
+  args.grad_teacher = nullptr;
+  kendall_pairs(args);
+  for (int64_t i = 0; i < n; ++i) {
+    loss[rows[i]] = loss_rows[i];
+    if (grad_s) std::memcpy(grad_s + rows[i] * c, grad_rows.data() + i * c, sizeof(T) * c);
+  }
 }
 
 template <typename scalar_t, typename T>
-std::vector<int64_t> expsum_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t c,
-                                 double k, T* loss, T* grad_s) {
+void expsum_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t c, double k, T* loss,
+                 T* grad_s) {
   const Lattice<T> lattice;
-  std::vector<RowKind> kinds(rows);
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  Buffer<RowKind> kinds(rows);
+  parallel_rows(0, rows, 1, [&](int64_t begin, int64_t end) {
     RowBuffers<T> buf;
     for (int64_t r = begin; r < end; ++r) {
       T* g = grad_s ? grad_s + r * c : nullptr;
@@ -493,45 +501,24 @@ std::vector<int64_t> expsum_rows(const scalar_t* s, const scalar_t* t, int64_t r
       }
     }
   });
-  std::vector<int64_t> pair_rows;
+  Buffer<int64_t> pair_rows;
   for (int64_t r = 0; r < rows; ++r) {
     if (kinds[r] == RowKind::kPairs) pair_rows.push_back(r);
   }
-  return pair_rows;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_expsum_cpu(const at::Tensor& student,
-                                                                  const at::Tensor& teacher,
-                                                                  double k, bool hard_teacher,
-                                                                  bool need_grad_s,
-                                                                  bool need_grad_t) {
-  check_kendall_inputs(student, teacher, k);
-  TORCH_CHECK(hard_teacher,
-              "rkkd::kendall_expsum computes the hard-teacher loss only (hard_teacher=True)");
-  const at::Tensor s = student.contiguous();
-  const at::Tensor t = teacher.contiguous();
-  const int64_t rows = s.size(0), c = s.size(1);
-  at::Tensor loss, grad_s, grad_t;
-  std::tie(loss, grad_s, grad_t) = allocate_outputs(s, need_grad_s, need_grad_t);
-  if (need_grad_t) grad_t.zero_();  // a hard teacher gets no gradient
-  std::vector<int64_t> pair_rows;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "rkkd_kendall_expsum_cpu",
-                                  [&] {
-                                    using acc_t = accumulate_t<scalar_t>;
-                                    pair_rows = expsum_rows<scalar_t, acc_t>(
-                                        s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), rows, c, k,
-                                        loss.data_ptr<acc_t>(),
-                                        need_grad_s ? grad_s.data_ptr<acc_t>() : nullptr);
-                                  });
-  pair_kernel_rows(s, t, k, pair_rows, need_grad_s, loss, grad_s);
-  return {loss, grad_s, grad_t};
+  pair_kernel_rows(s, t, c, k, pair_rows, loss, grad_s);
 }
 
 }  // namespace
 }  // namespace expsum_cpu
-}  // namespace rkkd
 
-TORCH_LIBRARY_FRAGMENT(rkkd, m) {
-  m.def(RKKD_CPU_OP("kendall_expsum"),
-        torch::dispatch(c10::DispatchKey::CPU, &rkkd::expsum_cpu::kendall_expsum_cpu));
+void kendall_expsum(const KendallArgs& a) {
+  dispatch_input_type(a.type, [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    expsum_cpu::expsum_rows<scalar_t, acc_t>(
+        static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher), a.rows,
+        a.c, a.k, static_cast<acc_t*>(a.loss), static_cast<acc_t*>(a.grad_student));
+  });
 }
+
+RKKD_NAMESPACE_END

@@ -22,6 +22,8 @@
 // - the direct form tanh(k (x_i - x_j)), for rows beyond the ratio form (the guarded slow path).
 #pragma once
 
+#include "namespace.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -33,7 +35,7 @@
 #define RKKD_HOST_DEVICE inline
 #endif
 
-namespace rkkd {
+RKKD_NAMESPACE_BEGIN
 
 // Largest k * (max - min) of a row for which every a_i = exp(+-k R) is a normal number and a_i + a_j
 // cannot overflow (float: exp(87.3) is the smallest normal's reciprocal; double: exp(708)).
@@ -192,4 +194,4 @@ struct RowScale {
   RKKD_HOST_DEVICE T loss(T tau_sum) const { return T(1) - tau_sum * inv_pairs; }
 };
 
-}  // namespace rkkd
+RKKD_NAMESPACE_END

@@ -4,12 +4,14 @@
 // binary.
 #pragma once
 
+#include "namespace.h"
+
 #include <cstddef>
 #include <cstring>
 #include <type_traits>
 #include <utility>
 
-namespace rkkd {
+RKKD_NAMESPACE_BEGIN
 
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;
@@ -58,4 +60,4 @@ inline auto lane_sum(V v) -> std::remove_reference_t<decltype(v[0])> {
   }
 }
 
-}  // namespace rkkd
+RKKD_NAMESPACE_END

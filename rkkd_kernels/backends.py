@@ -4,9 +4,9 @@ The dispatch table maps a backend name to a function ``(student, teacher, k, har
 ``(rows, C)`` inputs. ``"auto"`` picks Triton for CUDA tensors when it imports, else the CUDA
 extension; the C++ kernel for CPU tensors.
 
-``rkkd::kendall``'s CPU and CUDA kernels are registered here as Python functions that load the
-compiled library (building it on first use, see ``_ext.py``) and call its op; so importing the
-package builds nothing, and the build runs inside the op, where torch.compile never traces.
+``rkkd::kendall``'s CPU and CUDA kernels are the compiled libraries that ship in the package
+(``_ext.py``): the CPU one is loaded with the package, the CUDA one when a GPU asks for it. Each
+registers its kernels itself; a library that cannot load leaves its reason, never an error at import.
 """
 
 from __future__ import annotations
@@ -16,20 +16,18 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from . import _ext, expsum, ops  # noqa: F401  (expsum defines rkkd::kendall_expsum before _cpu loads)
+from . import _ext, expsum, ops  # noqa: F401  (the schemas, defined before a library registers kernels)
 from .reference import kendall_reference_rows
 
 RowsLoss = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
-# Read the CPU's features now, not while torch.compile traces why_unavailable.
-_ext.cpu_isa()
-
-_kernels = torch.library.Library("rkkd", "IMPL")
-_kernels.impl("kendall", _ext.cpu_kernel("kendall"), "CPU")
-_kernels.impl("kendall", _ext.cuda_kernel("kendall"), "CUDA")
-_kernels.impl("kendall_expsum", _ext.cpu_kernel("kendall_expsum"), "CPU")
+# Load the CPU library now (a millisecond), not while torch.compile traces why_unavailable; the
+# CUDA one where a GPU is.
+_ext.cpu_problem()
+if torch.cuda.is_available():
+    _ext.cuda_problem()
 
 try:
     from . import triton_kernel  # noqa: E402  (registers rkkd::kendall_triton)
@@ -75,8 +73,7 @@ _INTERPRETER_PROBLEM = _interpreter_problem() if _TRITON_MISSING is None else No
 def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
     """None when ``backend`` can run on ``device`` here, else the reason (naming what to install).
 
-    Cheap and free of builds (torch.compile traces it): a compiled backend counts as available
-    until its build has failed in this process; its first call builds it.
+    Cheap (torch.compile traces it): the compiled libraries were loaded, or failed to, before.
     """
     if backend == "reference":
         return None
@@ -85,11 +82,9 @@ def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
             return f"backend 'cpu' runs on CPU tensors, not {device.type}"
         return _ext.cpu_problem()
     if backend == "cuda":
-        if _ext.cuda_problem() is not None:
-            return _ext.cuda_problem()
         if device.type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, not {device.type}"
-        return None if torch.cuda.is_available() else NO_GPU
+        return _ext.cuda_problem() if torch.cuda.is_available() else NO_GPU
     if backend == "triton":
         if _TRITON_MISSING is not None:
             return _TRITON_MISSING
@@ -157,11 +152,7 @@ def _device_served(backend: str) -> torch.device:
 def available_backends() -> Dict[str, Optional[str]]:
     """Each backend name -> None when it can run here, else why not.
 
-    To tell the truth about the compiled backends, this loads the CPU kernel (building it on first
-    use: up to a minute, once per machine and torch) and checks the CUDA toolchain where a GPU is;
-    the answers are then :func:`why_unavailable`'s for the device each backend serves.
+    The answers are :func:`why_unavailable`'s for the device each backend serves (the GPU where
+    one is): a compiled backend whose library is missing or does not load says why.
     """
-    _ext.cpu_extension().load()
-    if torch.cuda.is_available():
-        _ext.cuda_extension().check()
     return {name: why_unavailable(name, _device_served(name)) for name in BACKENDS if name != "auto"}

@@ -24,7 +24,7 @@ a vmapped dimension into more rows: one call, no per-example loop. The contract 
 which these rules serve: docs/contract.md.
 
 The schema is defined here, in Python, so that it exists whichever compiled parts are present; the
-C++ extensions only register implementations for the CPU and CUDA dispatch keys, and the Triton
+compiled libraries only register implementations for the CPU and CUDA dispatch keys, and the Triton
 kernel registers its own op (``rkkd::kendall_triton``) with the same signature, autograd and vmap.
 """
 
@@ -43,6 +43,9 @@ SCHEMA = (
 
 _lib = torch.library.Library("rkkd", "FRAGMENT")
 _lib.define("kendall" + SCHEMA)
+# Private, for the tests: makes the CPU library run one ISA variant (process-wide) and returns the
+# one it replaces (csrc/cpu_library.cpp; _ext.forced_cpu_variant wraps it).
+_lib.define("_force_cpu_variant(str variant) -> str")
 
 
 def kendall_fake(
