@@ -1,16 +1,17 @@
 # The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
-# Both create .venv at the repository root and install the pinned requirements. Nothing is compiled
-# up front: the CPU kernel is built on its first use, once per machine and torch, into the cache
-# folder (~/.cache/rkkd_kernels, or $RKKD_CACHE_DIR), and the CUDA kernel only where a GPU is (the
-# test suite compiles it once where nvcc can, to catch compile errors).
+# Both create .venv at the repository root, install the pinned requirements, and build the compiled
+# kernels in place (setup.py: the CPU library, and the CUDA kernel where nvcc is), again only when
+# csrc/ or setup.py changed since the last build.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.stamp-requirements
+BUILT := build/.stamp-kernels
+KERNEL_SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: demo test build venv bench gpu-check clean
+.PHONY: demo test build venv bench gpu-check wheel clean
 
 venv: $(INSTALLED)
 
@@ -20,24 +21,29 @@ $(INSTALLED): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-# Build the kernels now instead of on first use (the CUDA one where a GPU is, or RKKD_BUILD_CUDA=1)
-# and print what this installation has.
-build: $(INSTALLED)
-	$(PY) -m rkkd_kernels --build
+# The kernels, into rkkd_kernels/ (setup.py rebuilds only the objects whose inputs changed).
+build: $(BUILT)
 
-test: $(INSTALLED)
+$(BUILT): $(INSTALLED) $(KERNEL_SOURCES)
+	$(PY) setup.py --quiet build_ext --inplace
+	@mkdir -p $(dir $@) && touch $@
+
+test: $(BUILT)
 	$(PY) -m pytest tests -ra
 
-demo: $(INSTALLED)
+demo: $(BUILT)
 	$(PY) -m train.demo --out runs/demo
 
-bench: $(INSTALLED)
+bench: $(BUILT)
 	$(PY) -m benchmarks.bench_kendall
 
-# On a machine with a CUDA GPU: build, the whole suite on CUDA tensors, the GPU benchmark (~10 min).
-gpu-check: $(INSTALLED)
+# The binary wheel, as pip builds it for users (into dist/).
+wheel: $(INSTALLED)
+	$(PY) -m pip wheel --no-deps -w dist .
+
+# On a machine with a CUDA GPU: the whole suite on CUDA tensors, the GPU benchmark (~10 min).
+gpu-check: $(BUILT)
 	PYTHON=$(PY) bash benchmarks/gpu_check.sh benchmarks/results/gpu_check
 
-# Build outputs of the clone (the kernels built on first use live in the cache folder above).
 clean:
-	rm -rf build dist rkkd_kernels/_prebuilt *.egg-info
+	rm -rf build dist *.egg-info rkkd_kernels/*.so rkkd_kernels/_build_info.json

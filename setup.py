@@ -140,6 +140,15 @@ def nvidia_include_dirs():
     return sorted(set(dirs))
 
 
+def nvcc_flags():
+    """nvcc's flags for csrc/kendall_cuda.cu (benchmarks/sass_loop.py compiles it with them too).
+    USE_CUDA declares the shim's current-stream call."""
+    flags = list(NVCC_FLAGS) + [TORCH_TARGET_FLAG, "-DUSE_CUDA"]
+    for d in nvidia_include_dirs():
+        flags += ["-isystem", d]
+    return flags
+
+
 # ------------------------------------------------------------------------------------------------
 # The ISA variants: compiled here, each with its own flags (setuptools takes one flag set per
 # extension), and linked into the CPU library as extra objects.
@@ -214,9 +223,7 @@ def extensions():
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH_LIST
     if cuda_problem is None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
-        nvcc = list(NVCC_FLAGS) + [TORCH_TARGET_FLAG, "-DUSE_CUDA"]
-        for d in nvidia_include_dirs():
-            nvcc += ["-isystem", d]
+        nvcc = nvcc_flags()
         cuda = CUDAExtension(
             f"{PACKAGE}._cuda", csrc(CUDA_SOURCES), include_dirs=[os.path.join(HERE, CSRC)],
             depends=csrc(CUDA_HEADERS),
@@ -248,6 +255,7 @@ def extensions():
     return modules, {"build_ext": BuildKernels}
 
 
-ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass,
-      options={"bdist_wheel": {"py_limited_api": LIMITED_API}})
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tools import its flags
+    ext_modules, cmdclass = extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass,
+          options={"bdist_wheel": {"py_limited_api": LIMITED_API}})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import os
 import re
 import subprocess
@@ -173,16 +174,22 @@ CUDA_KERNEL = re.compile(r"pair_sums<float, float, rkkd::\(anonymous namespace\)
                          r"false, false>")
 
 
-def cuda_cubin() -> bytes:
-    """csrc/kendall_cuda.cu for sm_90 only, with the extension's nvcc flags (rkkd_kernels._ext)."""
-    import torch.utils.cpp_extension as cpp
+def build_flags():
+    """The build's own flags (setup.py, imported without building)."""
+    spec = importlib.util.spec_from_file_location("rkkd_setup", os.path.join(REPO_ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    from rkkd_kernels import _ext
+
+def cuda_cubin() -> bytes:
+    """csrc/kendall_cuda.cu for sm_90 only, with the package build's nvcc flags (setup.py)."""
+    import torch.utils.cpp_extension as cpp
 
     includes = [f"-I{p}" for p in cpp.include_paths("cuda")] + [f"-I{sysconfig.get_paths()['include']}"]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "kendall_cuda.cubin")
-        cmd = ["nvcc", "-cubin", "-arch=sm_90", "-std=c++20", *_ext.CUDA_NVCC_FLAGS,
+        cmd = ["nvcc", "-cubin", "-arch=sm_90", "-std=c++20", *build_flags().nvcc_flags(),
                *cpp.COMMON_NVCC_FLAGS, "-DTORCH_EXTENSION_NAME=sass_loop", *includes,
                "-o", out, os.path.join(REPO_ROOT, "csrc", "kendall_cuda.cu")]
         subprocess.run(cmd, check=True)

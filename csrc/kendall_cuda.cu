@@ -26,22 +26,22 @@
 // Warps leave their chunk sums in shared memory and the block adds them in warp order.
 // Diagonal tile pairs (I == J) visit each unordered pair once: a chunk meets each later chunk by a
 // full rotation and itself by a half rotation (offsets 1..16; offset 16 taken by lanes 0..15 only).
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-#include <torch/types.h>
+#include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #include "kendall_op.h"
-#include "op_name.h"
 #include "pair_math.h"
 
 namespace rkkd {
@@ -476,10 +476,27 @@ __global__ void __launch_bounds__(kFinishThreads)
 // ------------------------------------------------------------------------------------------------
 // Host side.
 
+// A CUDA error as a Python RuntimeError that names the cause and, for the two a user can fix, the
+// fix (the wheel's kernel needs a driver of its CUDA release, and one of its architectures or PTX).
+void check_cuda(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return;
+  std::string fix;
+  if (err == cudaErrorInsufficientDriver || err == cudaErrorUnsupportedPtxVersion)
+    fix = " (the CUDA driver is older than the CUDA this kernel was built with: update the driver, "
+          "or use backend='triton')";
+  else if (err == cudaErrorNoKernelImageForDevice)
+    fix = " (this GPU's architecture is not in the kernel's TORCH_CUDA_ARCH_LIST: rebuild "
+          "rkkd-kernels for it, or use backend='triton')";
+  STD_TORCH_CHECK(false, "rkkd::kendall (CUDA): ", what, " failed: ", cudaGetErrorString(err), fix);
+}
+
+void check_launch() { check_cuda(cudaGetLastError(), "a kernel launch"); }
+
 int multiprocessor_count() {
   int device = 0, count = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute");
   return count;
 }
 
@@ -517,7 +534,7 @@ void launch_pair_sums(const Launch& l, const scalar_t* s, const scalar_t* t) {
   pair_sums<scalar_t, acc_t, Path, kHard, kGradT><<<l.grid, kThreads, 0, l.stream>>>(
       s, t, l.plans, l.c, l.k, l.splits, l.sums_per_row, static_cast<acc_t*>(l.scratch),
       static_cast<acc_t*>(l.tau_scratch));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch();
 }
 
 // One launch for the rows of one path. Only the main path of a dtype gets a kernel without the
@@ -532,45 +549,72 @@ void launch_path(const Launch& l, const scalar_t* s, const scalar_t* t, bool har
     launch_pair_sums<scalar_t, acc_t, Path, false, false>(l, s, t);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cuda(const at::Tensor& student,
-                                                            const at::Tensor& teacher, double k,
-                                                            bool hard_teacher, bool need_grad_s,
-                                                            bool need_grad_t) {
+// The current stream of the tensors' device (torch's, so the launches order with its own work).
+// Through the AOTI shim: the stable Stream's native handle needs torch 2.13.
+cudaStream_t current_stream(int32_t device_index) {
+  void* stream = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream) == AOTI_TORCH_SUCCESS,
+                  "rkkd::kendall (CUDA): cannot get the current CUDA stream");
+  return static_cast<cudaStream_t>(stream);
+}
+
+// Calls f(scalar_t{}) with the input type (torch's header-only 16-bit types: the same device
+// conversions as c10's).
+template <typename F>
+void dispatch_input_type(ScalarType type, const F& f) {
+  switch (type) {
+    case ScalarType::Half: return f(torch::headeronly::Half{});
+    case ScalarType::BFloat16: return f(torch::headeronly::BFloat16{});
+    case ScalarType::Float: return f(float{});
+    case ScalarType::Double: return f(double{});
+    default:
+      STD_TORCH_CHECK(false, "rkkd::kendall takes float16, bfloat16, float32 or float64, got ",
+                      torch::headeronly::toString(type));
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> kendall_cuda(Tensor student, Tensor teacher, double k,
+                                                bool hard_teacher, bool need_grad_s,
+                                                bool need_grad_t) {
   check_kendall_inputs(student, teacher, k);
-  TORCH_CHECK(student.is_cuda(), "rkkd::kendall (CUDA) expects CUDA tensors, got ", student.device());
-  TORCH_CHECK(student.size(0) <= std::numeric_limits<int32_t>::max(),
-              "rkkd::kendall (CUDA) takes at most 2^31 - 1 rows, got ", student.size(0));
-  const c10::cuda::CUDAGuard device_guard(student.device());
-  const at::Tensor s = student.contiguous();
-  const at::Tensor t = teacher.contiguous();
+  STD_TORCH_CHECK(student.is_cuda(), "rkkd::kendall (CUDA) expects CUDA tensors, got ",
+                  device_of(student));
+  STD_TORCH_CHECK(student.size(0) <= std::numeric_limits<int32_t>::max(),
+                  "rkkd::kendall (CUDA) takes at most 2^31 - 1 rows, got ", student.size(0));
+  const torch::stable::accelerator::DeviceGuard device_guard(student.get_device_index());
+  const Tensor s = torch::stable::contiguous(student);
+  const Tensor t = torch::stable::contiguous(teacher);
   const int64_t rows = s.size(0), c = s.size(1);
-  const auto acc_type = accumulation_type(s.scalar_type());
-  const auto opts = s.options().dtype(acc_type);
-  at::Tensor loss, grad_s, grad_t;
-  std::tie(loss, grad_s, grad_t) = allocate_outputs(s, need_grad_s, need_grad_t);
+  const ScalarType acc_type = accumulation_type(s.scalar_type());
+  auto [loss, grad_s, grad_t] = allocate_outputs(s, need_grad_s, need_grad_t);
   if (rows == 0) return {loss, grad_s, grad_t};
 
   // The teacher's sums are kept only when asked for and not identically zero.
   const bool keep_gt = need_grad_t && !hard_teacher;
   const int sums_per_row = keep_gt ? 2 : 1;
   const int sms = multiprocessor_count();
-  const int splits = choose_splits(rows, c, sums_per_row, acc_type == at::kDouble ? 8 : 4, sms);
-  at::Tensor plans = at::empty({rows * int64_t(sizeof(RowPlan))}, s.options().dtype(at::kByte));
-  at::Tensor scratch = at::empty({rows, splits, sums_per_row, c}, opts);
-  at::Tensor tau_scratch = at::empty({rows, splits}, opts);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto* plan_ptr = reinterpret_cast<RowPlan*>(plans.data_ptr<uint8_t>());
+  const int splits = choose_splits(rows, c, sums_per_row, acc_type == ScalarType::Double ? 8 : 4, sms);
+  const int64_t plan_shape[] = {rows * int64_t(sizeof(RowPlan))};
+  const int64_t scratch_shape[] = {rows, splits, sums_per_row, c};
+  const int64_t tau_shape[] = {rows, splits};
+  using Shape = torch::headeronly::IntHeaderOnlyArrayRef;
+  Tensor plans = torch::stable::new_empty(s, Shape(plan_shape), ScalarType::Byte);
+  Tensor scratch = torch::stable::new_empty(s, Shape(scratch_shape), acc_type);
+  Tensor tau_scratch = torch::stable::new_empty(s, Shape(tau_shape), acc_type);
+  const cudaStream_t stream = current_stream(s.get_device_index());
+  auto* plan_ptr = static_cast<RowPlan*>(plans.mutable_data_ptr());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "rkkd_kendall_cuda", [&] {
+  dispatch_input_type(s.scalar_type(), [&](auto scalar) {
+    using scalar_t = decltype(scalar);
     using acc_t = accumulate_t<scalar_t>;
-    const scalar_t* s_ptr = s.data_ptr<scalar_t>();
-    const scalar_t* t_ptr = t.data_ptr<scalar_t>();
+    const scalar_t* s_ptr = static_cast<const scalar_t*>(s.const_data_ptr());
+    const scalar_t* t_ptr = static_cast<const scalar_t*>(t.const_data_ptr());
     plan_rows<scalar_t, acc_t><<<dim3(unsigned(rows)), kPlanThreads, 0, stream>>>(
         s_ptr, t_ptr, c, k, hard_teacher, plan_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
 
     const Launch launch{dim3(unsigned(rows), unsigned(splits)), stream, plan_ptr, c, k, splits,
-                        sums_per_row, scratch.data_ptr(), tau_scratch.data_ptr()};
+                        sums_per_row, scratch.mutable_data_ptr(), tau_scratch.mutable_data_ptr()};
     if constexpr (std::is_same<acc_t, float>::value) {
       launch_path<scalar_t, acc_t, RatioPath<float>, true>(launch, s_ptr, t_ptr, hard_teacher, keep_gt);
       launch_path<scalar_t, acc_t, SmallSpreadPath<float>, false>(launch, s_ptr, t_ptr, hard_teacher, keep_gt);
@@ -585,11 +629,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cuda(const at::Tensor& st
     const int finish_blocks = int(std::min<int64_t>((work + kFinishThreads - 1) / kFinishThreads,
                                                     int64_t(sms) * 32));
     finish_rows<acc_t><<<finish_blocks, kFinishThreads, 0, stream>>>(
-        plan_ptr, scratch.data_ptr<acc_t>(), tau_scratch.data_ptr<acc_t>(), rows, c, k,
-        hard_teacher, splits, sums_per_row, loss.data_ptr<acc_t>(),
-        need_grad_s ? grad_s.data_ptr<acc_t>() : nullptr,
-        need_grad_t ? grad_t.data_ptr<acc_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        plan_ptr, static_cast<acc_t*>(scratch.mutable_data_ptr()),
+        static_cast<acc_t*>(tau_scratch.mutable_data_ptr()), rows, c, k, hard_teacher, splits,
+        sums_per_row, static_cast<acc_t*>(loss.mutable_data_ptr()),
+        need_grad_s ? static_cast<acc_t*>(grad_s.mutable_data_ptr()) : nullptr,
+        need_grad_t ? static_cast<acc_t*>(grad_t.mutable_data_ptr()) : nullptr);
+    check_launch();
   });
   return {loss, grad_s, grad_t};
 }
@@ -597,6 +642,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_cuda(const at::Tensor& st
 }  // namespace
 }  // namespace rkkd
 
-TORCH_LIBRARY_FRAGMENT(rkkd, m) {
-  m.def(RKKD_CUDA_OP("kendall"), torch::dispatch(c10::DispatchKey::CUDA, &rkkd::kendall_cuda));
+STABLE_TORCH_LIBRARY_IMPL(rkkd, CUDA, m) {
+  m.impl("kendall", TORCH_BOX(&rkkd::kendall_cuda));
 }

@@ -74,7 +74,7 @@ class Library:
         if path is None:
             missing = build_info().get("cuda_missing") if self.name == CUDA_LIBRARY else None
             if missing:
-                return f"this installation has no {self.label}: {missing}"
+                return f"{self.label} is not in this installation: {missing}"
             return (f"{self.label} is not built ({self.name}.abi3.so is missing from {HERE}): "
                     "reinstall rkkd-kernels, or in a clone run `make build`")
         try:

@@ -22,62 +22,51 @@ from rkkd_kernels import _ext, backends  # noqa: E402
 
 
 class BackendDevice(tuple):
-    """A test parameter that unpacks as ``(backend, device)``; ``cpu_isa`` names the CPU kernel's
-    variant that the test runs (set as RKKD_CPU_ISA around it, by pytest_runtest_call below)."""
+    """A test parameter that unpacks as ``(backend, device)``; ``cpu_variant`` names the CPU
+    kernel's ISA variant that the test runs (forced around it by pytest_runtest_call below)."""
 
-    def __new__(cls, backend: str, device: str, cpu_isa=None):
+    def __new__(cls, backend: str, device: str, cpu_variant=None):
         self = super().__new__(cls, (backend, device))
-        self.cpu_isa = cpu_isa
+        self.cpu_variant = cpu_variant
         return self
 
 
 def fast_backends():
-    """Each fast backend on the device it serves here; the CPU kernel once per variant that this
-    machine runs among those shipped (the best one it runs, and the x86-64-v3 baseline)."""
+    """Each fast backend on the device it serves here; the CPU kernel once per ISA variant of the
+    library that this CPU runs (x86-64-v4 where it has AVX-512, x86-64-v3, the x86-64 baseline)."""
     gpu = torch.cuda.is_available()
-    cpu = [BackendDevice("cpu", "cpu", isa) for isa in _ext.tested_cpu_isas()]
+    cpu = [BackendDevice("cpu", "cpu", v) for v in _ext.cpu_variants()] or [BackendDevice("cpu", "cpu")]
     return cpu + [BackendDevice("triton", "cuda" if gpu else "cpu"), BackendDevice("cuda", "cuda")]
 
 
 def backend_params():
-    """pytest params for every fast backend; those absent here are skipped with the reason.
-
-    The CPU variants are built here (on first use, into the cache) so that a failed build skips
-    them with its log; tests/test_build.py fails on it instead."""
+    """pytest params for every fast backend; those absent here are skipped with the reason (a CPU
+    library that does not load skips here and fails tests/test_build.py)."""
     params = []
     for value in fast_backends():
         name, device = value
         if device == "cuda" and not torch.cuda.is_available():
             reason = f"backend {name!r} needs a CUDA device; none here"
-        elif value.cpu_isa is not None:
-            reason = _ext.cpu_extension(value.cpu_isa).load()
         else:
             reason = backends.why_unavailable(name, torch.device(device))
         marks = [pytest.mark.skip(reason=reason)] if reason else []
-        label = f"cpu_{value.cpu_isa}" if value.cpu_isa else name
+        label = f"cpu_{value.cpu_variant}" if value.cpu_variant else name
         params.append(pytest.param(value, id=f"{label}-{device}", marks=marks))
     return params
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    """Run a test of a CPU variant's parameter with RKKD_CPU_ISA set to that variant (a hook, not a
-    fixture, so that hypothesis' tests see no function-scoped fixture)."""
+    """Run a test of a CPU variant's parameter with that variant forced (a hook, not a fixture, so
+    that hypothesis' tests see no function-scoped fixture)."""
     callspec = getattr(item, "callspec", None)
     params = callspec.params.values() if callspec else ()
-    isa = next((p.cpu_isa for p in params if isinstance(p, BackendDevice) and p.cpu_isa), None)
-    if isa is None:
+    variant = next((p.cpu_variant for p in params if isinstance(p, BackendDevice) and p.cpu_variant), None)
+    if variant is None:
         yield
         return
-    saved = os.environ.get("RKKD_CPU_ISA")
-    os.environ["RKKD_CPU_ISA"] = isa
-    try:
+    with _ext.forced_cpu_variant(variant):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop("RKKD_CPU_ISA", None)
-        else:
-            os.environ["RKKD_CPU_ISA"] = saved
 
 
 def pytest_configure(config):
