@@ -67,8 +67,10 @@ def mismatches(case: dict, got: List[torch.Tensor], want: List[torch.Tensor]) ->
         differ = bits(g) != bits(w)
         if differ.any():
             first = tuple(differ.nonzero()[0].tolist())
+            shown = [f"{x[first].item()!r} (0x{bits(x)[first].item() & (1 << 8 * x.element_size()) - 1:x})"
+                     for x in (g, w)]
             found.append(f"{where}: {int(differ.sum())} of {w.numel()} elements differ; first at "
-                         f"{first} (row {rows[first[0]]}): {g[first].item()!r}, stored {w[first].item()!r}")
+                         f"{first} (row {rows[first[0]]}): {shown[0]}, stored {shown[1]}")
     return found
 
 
