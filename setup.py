@@ -216,7 +216,7 @@ def extensions():
     cpu = CppExtension(
         f"{PACKAGE}._C", csrc(CPU_LIBRARY_SOURCES), include_dirs=[os.path.join(HERE, CSRC)],
         depends=csrc(CPU_LIBRARY_HEADERS + VARIANT_SOURCES + VARIANT_HEADERS),
-        extra_compile_args=["-O3", "-fvisibility=hidden", TORCH_TARGET_FLAG],
+        extra_compile_args=["-O3", "-g0", "-fvisibility=hidden", TORCH_TARGET_FLAG],
         py_limited_api=True)
     modules = [cpu]
     cuda_problem = why_no_cuda(torch, cuda_home)
@@ -227,7 +227,7 @@ def extensions():
         cuda = CUDAExtension(
             f"{PACKAGE}._cuda", csrc(CUDA_SOURCES), include_dirs=[os.path.join(HERE, CSRC)],
             depends=csrc(CUDA_HEADERS),
-            extra_compile_args={"cxx": ["-O3", TORCH_TARGET_FLAG, "-DUSE_CUDA"], "nvcc": nvcc},
+            extra_compile_args={"cxx": ["-O3", "-g0", TORCH_TARGET_FLAG, "-DUSE_CUDA"], "nvcc": nvcc},
             py_limited_api=True)
         # The static CUDA runtime in place of the shared one that CUDAExtension links: the wheel
         # then runs wherever a driver is, whatever CUDA libraries torch brought.
@@ -248,6 +248,10 @@ def extensions():
         def run(self):
             super().run()
             out_dir = os.path.dirname(self.get_ext_fullpath(cpu.name))
+            if cuda_problem is not None:  # a CUDA library of an earlier build must not ship or load
+                for folder in {out_dir, os.path.join(self.build_lib, PACKAGE)}:
+                    for stale in glob.glob(os.path.join(folder, "_cuda.*so")):
+                        os.remove(stale)
             with open(os.path.join(out_dir, "_build_info.json"), "w") as f:
                 json.dump(build_info(torch, cuda_problem, arch_list), f, indent=1, sort_keys=True)
                 f.write("\n")

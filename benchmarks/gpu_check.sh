@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU window verifies everything: on a machine with a CUDA GPU,
-#   1. build the package (CPU and CUDA extensions),
+#   1. put the compiled kernels in place: those of a wheel built elsewhere (RKKD_WHEEL, the safer
+#      way: the wheel built and tested here, carried to the GPU machine), else an in-place build,
 #   2. run the whole test suite on CUDA tensors (conftest picks CUDA when a GPU is present),
 #   3. run both GPU backends under compute-sanitizer (memcheck, racecheck, initcheck, synccheck)
 #      while the tests' Triton kernels are still in the cache,
@@ -14,7 +15,8 @@
 # COPY_DIR (optional): after every step, summary.txt and an archive of OUT_DIR (gpu_check.tgz) are
 # copied there, so that a run killed at an outer time limit still leaves what it had done.
 #
-# Environment: PYTHON (default: python3), MAX_JOBS (default: the number of CPUs),
+# Environment: PYTHON (default: python3), MAX_JOBS (default: the number of CPUs), RKKD_WHEEL (a
+# wheel of this commit whose kernels to use, e.g. dist/rkkd_kernels-*.whl from `make wheel`),
 # GPU_CHECK_BUDGET_S (default 570: the whole run), GPU_CHECK_DRY_RUN=1 (print the steps only),
 # GPU_CHECK_STEPS="NAME ..." (run only these steps, e.g. a second call on the same, still warm
 # machine: "sanitizer_memcheck sanitizer_racecheck bench_gpu"; the build is kept there).
@@ -112,10 +114,18 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton._
 print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, "SMs")'
 step environment "$CAP_ENVIRONMENT" bash -c "nvidia-smi; $PY -c '$ENV_INFO'"
 
-# Build both kernels into the cache where the tests find them: the CPU one (each variant the tests
-# run) and the CUDA one, for this GPU alone (the visible GPU's architecture, unless
-# TORCH_CUDA_ARCH_LIST says otherwise); fails if either build fails.
-step build "$CAP_BUILD" env MAX_JOBS="${MAX_JOBS:-$(nproc)}" RKKD_BUILD_CUDA=1 "$PY" -m rkkd_kernels --build
+# The kernels into rkkd_kernels/, where the clone's package (first on PYTHONPATH) loads them: the
+# wheel's libraries (one abi3 binary for every torch >= 2.10, so the wheel built on a CPU machine
+# serves this GPU machine's torch), else built here (RKKD_BUILD_CUDA=1: the step fails without the
+# CUDA kernel); then the installation's report.
+if [ -n "${RKKD_WHEEL:-}" ]; then
+    step build "$CAP_BUILD" bash -c "rm -rf '$OUT_DIR/wheel' && $PY -m zipfile -e '$RKKD_WHEEL' '$OUT_DIR/wheel' \
+        && cp '$OUT_DIR'/wheel/rkkd_kernels/*.so '$OUT_DIR'/wheel/rkkd_kernels/_build_info.json rkkd_kernels/ \
+        && $PY -m rkkd_kernels"
+else
+    step build "$CAP_BUILD" bash -c "MAX_JOBS=${MAX_JOBS:-$(nproc)} RKKD_BUILD_CUDA=1 $PY setup.py build_ext --inplace \
+        && $PY -m rkkd_kernels"
+fi
 
 # The CPU-only files stay out of the GPU window: the ahead-of-time compile check (Triton's compiler,
 # no GPU needed) and the CPU benchmark's smoke test run in every CI run.

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 
 import pytest
@@ -68,11 +69,19 @@ def _run(cmd, cwd, env=None, timeout=900):
     return out.stdout
 
 
+# The isolated build environments get the torch that runs these tests (a local wheel here): pip >=
+# 26.2 applies no install constraint there, and would fetch the newest torch (GBs) for every build.
+BUILD_CONSTRAINTS = os.path.join(tempfile.gettempdir(), f"rkkd-build-constraints-{os.getpid()}.txt")
+
+
 def _clean_env(**extra):
-    """No PYTHONPATH (which points at the checkout under `make test`), no forced variant."""
+    """No PYTHONPATH (which points at the checkout under `make test`); the CUDA kernel left out
+    (tests/test_cuda_ext.py checks its build); build environments pinned to this torch."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "TRITON_INTERPRET", "VIRTUAL_ENV")}
-    env["RKKD_BUILD_CUDA"] = "0"
+    with open(BUILD_CONSTRAINTS, "w") as f:
+        f.write(f"torch=={torch.__version__.split('+')[0]}\n")
+    env.update(RKKD_BUILD_CUDA="0", PIP_BUILD_CONSTRAINT=BUILD_CONSTRAINTS)
     env.update(extra)
     return env
 
@@ -123,6 +132,7 @@ def test_wheel_is_an_abi3_binary_with_the_cpu_library(dists):
     assert wheel.endswith(".whl") and "-cp310-abi3-" in os.path.basename(wheel), wheel
     names = zipfile.ZipFile(wheel).namelist()
     assert "rkkd_kernels/_C.abi3.so" in names and "rkkd_kernels/_build_info.json" in names
+    assert not [n for n in names if "_cuda" in n]  # built with RKKD_BUILD_CUDA=0
     assert not [n for n in names if n.startswith("rkkd_kernels/csrc/") or n.endswith((".cpp", ".cu"))]
     assert not [n for n in names if n.startswith(("tests/", "train/", "benchmarks/"))]
     print(f"{os.path.basename(wheel)}: {os.path.getsize(wheel) / 1e6:.2f} MB")
