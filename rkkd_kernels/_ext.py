@@ -70,6 +70,8 @@ class Library:
             return (f"{self.label} needs torch >= {TORCH_FLOOR} (it is built on the LibTorch stable ABI "
                     f"of {TORCH_FLOOR}), this is torch {torch.__version__}: upgrade torch"
                     + ("" if self.name == CPU_LIBRARY else ", or use backend='triton'"))
+        if self.name == CUDA_LIBRARY and torch.version.cuda is None:
+            return f"torch {torch.__version__} is a CPU-only build"
         path = _library_path(self.name)
         if path is None:
             missing = build_info().get("cuda_missing") if self.name == CUDA_LIBRARY else None

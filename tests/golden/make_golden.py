@@ -5,6 +5,10 @@ every CPU variant this build has and this CPU runs, and stores the inputs, the o
 they were made. tests/test_golden.py recomputes them with a later build (the LibTorch stable-ABI
 port) and asks for the same bits. ``--add`` adds the variants of this machine to an existing file
 (an AVX-512 machine adding x86-64-v4, say); variants already there are never replaced.
+
+The stored outputs come from the build before the stable-ABI library (commit 9772e42, kernels
+compiled on first use, a variant forced by RKKD_CPU_ISA): to add a variant of that build, run this
+file at that commit (its run_variant and variants_here speak both builds' ways of forcing one).
 """
 
 from __future__ import annotations
