@@ -2,7 +2,7 @@
 that nvcc puts in the mangled names (it changes with the file's contents) and the instruction
 addresses. Prints per-arch counts and any differing function."""
 import re, sys
-ANON = re.compile(r"_GLOBAL__N__[0-9a-f]+_\d+_kendall_cuda_cu_[0-9a-f]+_\d+")
+ANON = re.compile(r"\d+_GLOBAL__N__[0-9a-f]+_\d+_kendall_cuda_cu_[0-9a-f]+_\d+")
 def funcs(path):
     out, cur, arch = {}, None, None
     for line in open(path):
