@@ -1,11 +1,14 @@
-"""The README's example runs as printed: its first ```python block, in a fresh interpreter on the CPU."""
+"""The examples a user reads run as printed: the README's first ```python block, in a fresh
+interpreter on the CPU, and the examples of the public docstrings that help() shows."""
 
+import doctest
 import os
 import re
 import subprocess
 import sys
 
 from conftest import REPO_ROOT, tool_env
+from rkkd_kernels import loss, reference
 
 README = os.path.join(REPO_ROOT, "README.md")
 
@@ -35,3 +38,18 @@ def test_readme_example_runs():
     values = dict(re.findall(r"(ce|kd|kendall) (-?\d+\.\d+)", proc.stdout))
     assert set(values) == {"ce", "kd", "kendall"}, f"unexpected output: {proc.stdout!r}"
     assert 0.0 <= float(values["kendall"]) <= 2.0
+
+
+def test_docstring_examples_run():
+    """help(kendall_loss), help(KendallLoss) and help(kendall_reference_rows) show examples; they run
+    as shown (CPU tensors, so the CPU kernel and the reference)."""
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    examples = 0
+    for obj in (loss.kendall_loss, loss.KendallLoss, reference.kendall_reference_rows):
+        for test in finder.find(obj, globs={}):
+            examples += len(test.examples)
+            runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert examples >= 10, f"only {examples} docstring examples found"
+    assert results.failed == 0, f"{results.failed} of {results.attempted} docstring examples failed"
