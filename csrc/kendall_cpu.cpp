@@ -43,7 +43,7 @@ struct VectorArith {
 // AVX-512 float: the divider bounds the loop (vdivps zmm, 8 cycles per 16 lanes measured on an
 // Emerald Rapids core; 4 of them per 32 pairs), so the reciprocal is the 14-bit estimate vrcp14ps
 // refined by one Newton step, two FMAs on pipes that have room: within about an ulp, and 1.45x
-// faster at B=256, C=1000 (benchmarks/README.md). Its arguments are normal numbers: a_i + a_j in
+// faster at B=256, C=1000 (docs/performance.md). Its arguments are normal numbers: a_i + a_j in
 // [2 exp(-80), 2 exp(80)] (ratio form), e_i + e_j + 2 in [2/e, 2e] (small-spread form).
 template <>
 struct Arith<F32Vec> : VectorArith<F32Vec, float> {

@@ -104,28 +104,62 @@ def kendall_loss(
         tau = 1/P * sum_{i<j} tanh(k (s_i - s_j)) * w_ij,   P = C (C - 1) / 2
         w_ij = tanh(k (t_i - t_j))   or   sign(t_i - t_j) with ``hard_teacher=True``
 
+    The loss and both gradients come from one fused pass over the pairs, with O(rows x C) extra
+    memory; nothing of size C x C is stored (except by ``backend="reference"``).
+
     Args:
-        student_logits: ``(..., C)`` floating tensor, any strides.
-        teacher_logits: the same shape and device (usually detached).
-        k: steepness of the tanh, a positive finite number.
-        hard_teacher: use sign() of the teacher's differences (no gradient to the teacher).
-        top_k: only the pairs among the ``top_k`` channels with the largest teacher logits.
-        reduction: ``"mean"`` over rows, ``"sum"`` or ``"none"`` (shape ``(...)``).
-        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
-        method: with a hard teacher, ``"pairs"`` (every pair, O(C^2) per row), ``"expsum"`` (the
-            exponential sums along the teacher's order, O(C log C + C M), see ``expsum.py``) or
-            ``"auto"``, which picks by a cost model of C, k and the dtype. A soft teacher always
-            uses the pairs (``"expsum"`` is then a ValueError).
+        student_logits: ``(..., C)`` floating tensor, any strides; C >= 2.
+        teacher_logits: the same shape and device; detach it unless the teacher should learn.
+        k: steepness of the tanh, a positive finite number. Small k weighs each pair by its logit
+            difference; large k approaches a count of discordant pairs. Each logit's gradient from
+            a row is at most ``2k / C`` in size.
+        hard_teacher: weigh a pair by sign() of the teacher's difference instead of tanh(); the
+            teacher then gets no gradient.
+        top_k: rank only the ``top_k`` classes with the largest teacher logits of each row
+            (``torch.topk``'s ties); the others get a zero gradient. None: all C classes.
+        reduction: ``"mean"`` over rows, ``"sum"``, or ``"none"`` (one loss per row, shape ``(...)``).
+        backend: ``"auto"`` (Triton for CUDA tensors, else the CUDA extension; the C++ kernel for
+            CPU tensors), ``"triton"``, ``"cuda"``, ``"cpu"``, or ``"reference"`` (plain PyTorch,
+            rows x C x C memory; the tests' oracle). ``available_backends()`` says what runs here.
+        method: with a hard teacher, ``"pairs"`` (every pair, O(C^2) per row), ``"expsum"``
+            (exponential sums along the teacher's order, O(C log C + C M), M growing with k times
+            the row's logit spread; the ``"cpu"`` and ``"triton"`` backends), or ``"auto"``, which picks on the host from C, k
+            and the dtype alone. Both meet the same precision. A soft teacher always uses the pairs.
 
     Returns:
-        The loss in ``[0, 2]`` per row, reduced as asked, in the (promoted) input dtype.
+        The loss in ``[0, 2]`` per row, reduced as asked, in the (promoted) input dtype. float16 and
+        bfloat16 inputs are computed in float32, float64 in float64.
+
+    Non-finite values: a NaN or an infinity anywhere in a row (of either input, inside or outside
+    the ``top_k`` classes) makes that row's loss and gradients NaN (a hard teacher's gradient stays
+    zero); other rows are unaffected. Finding such rows never synchronises with the device.
+
+    First call: the CPU and CUDA kernels are compiled when the package is built, so their first call
+    costs nothing extra. On a GPU the default Triton kernel is compiled by Triton the first time a
+    process uses it, and its tile configuration is tuned for each new C unless the environment
+    variable ``RKKD_TRITON_CONFIG`` (e.g. ``64:8``) pins one.
 
     Raises:
-        ValueError: differing shapes or devices, ``C < 2``, ``top_k`` outside ``[2, C]``, a bad
-            ``k``, an unknown ``reduction``, ``backend`` or ``method``, ``method="expsum"`` with a soft
-            teacher or on a backend without it.
-        TypeError: a non-floating dtype.
-        RuntimeError: a forced backend that is not available here (the message says what to install).
+        ValueError: differing shapes or devices, ``C < 2``, a ``k`` that is not finite and above
+            zero, a ``top_k`` outside ``[2, C]``, an unknown ``reduction``, ``backend`` or ``method``,
+            ``method="expsum"`` with a soft teacher or on a backend without it.
+        TypeError: an input that is not a tensor, or not of a floating dtype.
+        RuntimeError: a forced backend that cannot run here (the message says what to install or
+            which device it needs); a second derivative through the loss.
+        The repository's docs/contract.md lists every rule, arguments of a wrong type included.
+
+    Example::
+
+        >>> import torch
+        >>> from rkkd_kernels import kendall_loss
+        >>> student = torch.randn(8, 100, requires_grad=True)
+        >>> teacher = torch.randn(8, 100)
+        >>> loss = kendall_loss(student, teacher, k=1.0)
+        >>> loss.backward()
+        >>> student.grad.shape
+        torch.Size([8, 100])
+        >>> kendall_loss(student.detach(), teacher, hard_teacher=True, top_k=10, reduction="none").shape
+        torch.Size([8])
     """
     k = _check_options(k, top_k, reduction, backend, method, hard_teacher)
     _check_tensors(student_logits, teacher_logits, top_k)
@@ -154,7 +188,34 @@ def kendall_loss(
 
 
 class KendallLoss(nn.Module):
-    """Module form of :func:`kendall_loss`; the options are checked once, here."""
+    """The soft-Kendall ranking loss ``1 - tau`` of :func:`kendall_loss` as a module.
+
+    The options are checked once, when the module is made; calling it with ``(student_logits,
+    teacher_logits)`` returns ``kendall_loss(student_logits, teacher_logits, k, ...)`` with them.
+
+    Args:
+        k: steepness of the tanh, a positive finite number (default 1.0).
+        hard_teacher: weigh pairs by sign() of the teacher's differences (the teacher then gets no
+            gradient) instead of tanh() (default False).
+        top_k: rank only the ``top_k`` classes with the largest teacher logits of each row; None
+            (default) ranks all C.
+        reduction: ``"mean"`` over rows (default), ``"sum"`` or ``"none"``.
+        backend: ``"auto"`` (default), ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
+        method: ``"auto"`` (default), ``"pairs"`` or ``"expsum"`` (a hard teacher only).
+
+    See :func:`kendall_loss` for what each option does, the NaN rule and the errors.
+
+    Example::
+
+        >>> import torch
+        >>> from rkkd_kernels import KendallLoss
+        >>> criterion = KendallLoss(k=1.0, top_k=10)
+        >>> student = torch.randn(4, 100, requires_grad=True)
+        >>> loss = criterion(student, torch.randn(4, 100))
+        >>> loss.backward()
+        >>> criterion
+        KendallLoss(k=1.0, hard_teacher=False, top_k=10, reduction='mean', backend='auto', method='auto')
+    """
 
     def __init__(
         self,
@@ -174,6 +235,15 @@ class KendallLoss(nn.Module):
         self.method = method
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """The loss of ``student_logits`` against ``teacher_logits`` with this module's options.
+
+        Args:
+            student_logits: ``(..., C)`` floating tensor, any strides; C >= 2.
+            teacher_logits: the same shape and device; detach it unless the teacher should learn.
+
+        Returns:
+            The loss in ``[0, 2]`` per row, reduced by ``reduction``, in the (promoted) input dtype.
+        """
         return kendall_loss(
             student_logits,
             teacher_logits,

@@ -20,11 +20,35 @@ def _row_centre(x: torch.Tensor) -> torch.Tensor:
 def kendall_reference_rows(
     student: torch.Tensor, teacher: torch.Tensor, k: float, hard_teacher: bool = False
 ) -> torch.Tensor:
-    """Per-row loss ``1 - tau`` of two ``(rows, C)`` tensors, in the accumulation dtype.
+    """The reference loss per row: the oracle that the tests hold every fast backend to.
+
+    Plain PyTorch, written to be read: it builds the C x C matrices of pair terms of every row
+    (memory rows x C x C) and lets autograd derive the gradients. Use it to check a result, not to
+    train; ``kendall_loss(..., backend="reference")`` runs it behind the usual checks, ``top_k`` and
+    reduction.
 
     tau = (1 / P) * sum_{i<j} tanh(k (s_i - s_j)) * w_ij, with w_ij = tanh(k (t_i - t_j)) or
     sign(t_i - t_j). The summand is symmetric under i <-> j and zero on the diagonal, so the sum
     over the whole C x C matrix is twice the sum over i < j.
+
+    Args:
+        student: ``(rows, C)`` floating tensor.
+        teacher: ``(rows, C)`` floating tensor on the same device.
+        k: steepness, a positive finite number (not checked here).
+        hard_teacher: sign() of the teacher's differences instead of tanh().
+
+    Returns:
+        ``(rows,)``: each row's ``1 - tau``, in float64 for a float64 student and in float32
+        otherwise (both inputs are cast to that dtype first). A NaN or an infinity in a row makes
+        that row's loss and gradients NaN.
+
+    Example::
+
+        >>> import torch
+        >>> from rkkd_kernels import kendall_loss, kendall_reference_rows
+        >>> s, t = torch.randn(4, 50, dtype=torch.float64), torch.randn(4, 50, dtype=torch.float64)
+        >>> torch.allclose(kendall_reference_rows(s, t, 1.0), kendall_loss(s, t, 1.0, reduction="none"))
+        True
     """
     acc = accumulation_dtype(student.dtype)
     s = student.to(acc)
