@@ -15,10 +15,10 @@ export PYTHONPATH := $(CURDIR)
 
 venv: $(INSTALLED)
 
-$(INSTALLED): requirements.txt
+$(INSTALLED): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
 # The kernels, into rkkd_kernels/ (setup.py rebuilds only the objects whose inputs changed).

@@ -1,4 +1,4 @@
-"""torchdistill (pinned in requirements.txt) runs the Kendall term, and checks the harness's KD.
+"""torchdistill (pinned in requirements-dev.txt) runs the Kendall term, and checks the harness's KD.
 
 - The adapter (rkkd_kernels/integrations/torchdistill.py): registered under ``KendallLoss``, equal
   to ``kendall_loss`` on the logits it finds, its errors; ``import rkkd_kernels`` without it.
