@@ -159,9 +159,11 @@ def newer(target, inputs):
                                              for i in inputs)
 
 
-def compile_variant_objects(build_temp, force=False):
-    """Compile every variant's kernels (two at a time: these machines have two cores); returns
-    the object files. A missing compiler stops the build with its name."""
+def compile_variant_objects(build_temp):
+    """Compile every variant's kernels whose object is older than its inputs (two at a time: these
+    machines have two cores); returns the object files. A missing compiler stops the build with its
+    name. (Not build_ext's --force: torch's BuildExtension sets it always, leaving ninja to decide;
+    `make clean` starts afresh.)"""
     cxx = os.environ.get("CXX", "c++")
     headers = csrc(VARIANT_HEADERS)
     jobs = []
@@ -175,7 +177,7 @@ def compile_variant_objects(build_temp, force=False):
 
     def run(job):
         obj, cmd, inputs = job
-        if not force and not newer(obj, inputs):
+        if not newer(obj, inputs):
             return None
         os.makedirs(os.path.dirname(obj), exist_ok=True)
         print(" ".join(cmd), flush=True)
@@ -242,7 +244,7 @@ def extensions():
 
         def build_extension(self, ext):
             if ext is cpu:
-                ext.extra_objects = compile_variant_objects(self.build_temp, self.force)
+                ext.extra_objects = compile_variant_objects(self.build_temp)
             return super().build_extension(ext)
 
         def run(self):
