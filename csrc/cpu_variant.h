@@ -2,74 +2,40 @@
 // all of it lives in that variant's namespace, namespace.h): a growable buffer, torch's parallel
 // loop for lambdas, and the 16-bit input types with their exact widening to float.
 //
-// Variant code includes no torch header and no std container: their inline functions would be
-// compiled once per variant under one name each, and the linker would keep one copy for all.
+// Variant code includes no torch header and no std container of std::allocator: their inline
+// functions would be compiled once per variant under one name each, and the linker would keep one
+// copy for all (tests/test_build.py checks that no variant object shares a symbol).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <utility>
+#include <vector>
 
 #include "cpu_kernels.h"
 #include "namespace.h"
 
 RKKD_NAMESPACE_BEGIN
 
-// A heap array that keeps its contents when it grows; elements a resize adds are zero (as
-// std::vector's).
+// The variants' containers: std::vector with an allocator of the variant's own namespace, so that
+// every member of the vector (and of the std:: helpers it instantiates) has a name of this variant.
 template <typename T>
-class Buffer {
- public:
-  Buffer() = default;
-  explicit Buffer(int64_t n) { resize(n); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  ~Buffer() { delete[] data_; }
-
-  void resize(int64_t n) {
-    if (n > capacity_) {
-      T* grown = new T[n]();
-      if (size_ > 0) std::memcpy(static_cast<void*>(grown), data_, sizeof(T) * size_);
-      delete[] data_;
-      data_ = grown;
-      capacity_ = n;
-    } else if (n > size_) {
-      std::memset(static_cast<void*>(data_ + size_), 0, sizeof(T) * (n - size_));
-    }
-    size_ = n;
-  }
-  void assign(int64_t n, T value) {
-    resize(n);
-    for (int64_t i = 0; i < n; ++i) data_[i] = value;
-  }
-  void push_back(T value) {
-    if (size_ == capacity_) {
-      const int64_t size = size_;
-      resize(capacity_ > 0 ? 2 * capacity_ : 64);
-      size_ = size;
-    }
-    data_[size_++] = value;
-  }
-  void clear() { size_ = 0; }
-  void swap(Buffer& other) {
-    std::swap(data_, other.data_);
-    std::swap(size_, other.size_);
-    std::swap(capacity_, other.capacity_);
-  }
-  bool empty() const { return size_ == 0; }
-  int64_t size() const { return size_; }
-  T* data() { return data_; }
-  const T* data() const { return data_; }
-  T* begin() { return data_; }
-  T* end() { return data_ + size_; }
-  T& operator[](int64_t i) { return data_[i]; }
-  const T& operator[](int64_t i) const { return data_[i]; }
-
- private:
-  T* data_ = nullptr;
-  int64_t size_ = 0;
-  int64_t capacity_ = 0;
+struct VariantAllocator {
+  using value_type = T;
+  VariantAllocator() = default;
+  template <typename U>
+  VariantAllocator(const VariantAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p); }
+  template <typename U>
+  bool operator==(const VariantAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const VariantAllocator<U>&) const { return false; }
 };
+template <typename T>
+using Buffer = std::vector<T, VariantAllocator<T>>;
 
 // at::parallel_for over [begin, end) for a lambda `f(begin, end)`.
 template <typename F>

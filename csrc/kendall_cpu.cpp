@@ -345,7 +345,7 @@ void kendall_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t c,
   const bool want_s = grad_s != nullptr, want_t = grad_t != nullptr && !hard;
   auto row_parts = [&](Buffer<double>& store, int64_t slot) {
     const int64_t per_row = n + (want_s ? n * c : 0) + (want_t ? n * c : 0);
-    if (store.size() < (slot + 1) * per_row) store.resize((slot + 1) * per_row);
+    if (int64_t(store.size()) < (slot + 1) * per_row) store.resize((slot + 1) * per_row);
     double* base = store.data() + slot * per_row;
     double* gs = want_s ? base + n : nullptr;
     double* gt = want_t ? base + n + (want_s ? n * c : 0) : nullptr;

@@ -187,7 +187,7 @@ struct RunningSum {
     pending.assign(lanes, T(0));
   }
   void flush() {
-    for (int64_t l = 0; l < total.size(); ++l) {
+    for (size_t l = 0; l < total.size(); ++l) {
       total[l] += double(recent[l]);
       recent[l] = T(0);
       base[l] = T(total[l]);
@@ -197,7 +197,7 @@ struct RunningSum {
   }
   // The open tie group closes: its sum joins the total (the prefix of the groups after it).
   void close_group() {
-    for (int64_t l = 0; l < total.size(); ++l) {
+    for (size_t l = 0; l < total.size(); ++l) {
       total[l] += double(recent[l]);
       total[l] += pending_total[l] + double(pending[l]);
       recent[l] = T(0);
@@ -455,7 +455,7 @@ RowKind expsum_row(const scalar_t* s, const scalar_t* t, int64_t c, double k,
 template <typename scalar_t, typename T>
 void pair_kernel_rows(const scalar_t* s, const scalar_t* t, int64_t c, double k,
                       const Buffer<int64_t>& rows, T* loss, T* grad_s) {
-  const int64_t n = rows.size();
+  const int64_t n = int64_t(rows.size());
   if (n == 0) return;
   Buffer<scalar_t> s_rows(n * c), t_rows(n * c);
   for (int64_t i = 0; i < n; ++i) {
