@@ -166,8 +166,7 @@ done
 step triton_configs "$CAP_TRITON_CONFIGS" "$PY" - <<'PYEOF'
 import torch
 
-from rkkd_kernels import available_backends
-from rkkd_kernels import triton_kernel as tk
+from rkkd_kernels import available_backends, triton_tools
 
 cuda = torch.cuda.is_available()
 device = "cuda" if cuda else "cpu"
@@ -185,10 +184,9 @@ for rows, cols in shapes:
     s = torch.randn(rows, cols, device=device)
     torch.ops.rkkd.kendall_triton(s, torch.randn_like(s), 1.0, False, True, False)
     sync()
-    print(f"rows={rows} C={cols} splits={tk.num_splits(rows, cols, s.device)}")
-if not tk.INTERPRETING:
-    for key, config in tk.tuned_kernel().cache.items():
-        print("autotuned", key, "->", config)
+    print(f"rows={rows} C={cols} splits={triton_tools.splits_per_row(rows, cols, s.device)}")
+for key, config in triton_tools.autotuned_configs().items():
+    print("autotuned", key, "->", config)
 PYEOF
 
 step bench_headline "$CAP_BENCH_HEADLINE" "$PY" -m benchmarks.bench_kendall --device cuda --headline \

@@ -161,12 +161,12 @@ def triton_cubin(block: int, warps: int) -> bytes:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from . import triton_aot
+    from rkkd_kernels.triton_tools import KernelVariant
 
-    variant = triton_aot.Variant("pairs", "float32", hard=False, need_gs=True, need_gt=False,
-                                 fused=True, block=block, num_warps=warps)
-    compiled = triton.compile(triton_aot._source(variant), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": 1})
+    variant = KernelVariant("pairs", "float32", hard=False, need_gs=True, need_gt=False,
+                            fused=True, block=block, num_warps=warps)
+    compiled = triton.compile(variant.source(), target=GPUTarget("cuda", 90, 32),
+                              options=variant.options())
     return compiled.asm["cubin"]
 
 

@@ -12,7 +12,8 @@ resources with the cuobjdump that Triton ships. Writes aot.csv (one row per comp
 --out (default benchmarks/results/) and prints a summary; exits 1 if any variant fails to compile.
 
 Needs Triton's ahead-of-time API (triton.compile of an ASTSource with a GPUTarget, Triton >= 3.3)
-and must run without TRITON_INTERPRET (the interpreter replaces the kernels' compiled form).
+and must run without TRITON_INTERPRET (the interpreter replaces the kernels' compiled form). The
+kernels' compiled forms come from the package's public ``rkkd_kernels.triton_tools``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("benchmarks.triton_aot compiles for GPUs: run it without TRITON_INTERPRET=1")
@@ -38,40 +39,15 @@ import inspect  # noqa: E402
 import triton  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from rkkd_kernels import triton_kernel as tk  # noqa: E402
+from rkkd_kernels import triton_tools  # noqa: E402
+from rkkd_kernels.triton_tools import KernelVariant, flag_sets  # noqa: E402
 
 from .worker import REPO_ROOT  # noqa: E402
 
 DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "results")
 
-# Triton's type names for the tensors the op passes (inputs in any float dtype; outputs, scratch and
-# the loss in the accumulation dtype: float64 for float64 input, else float32).
-INPUT_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
-INT_ARGS = {"s_stride_row", "t_stride_row", "rows", "C", "n_splits"}
-FLOAT_ARGS = {"k_hi", "k_lo", "exp2_scale_hi", "exp2_scale_lo", "ratio_limit"}
-INPUT_POINTERS = {"s_ptr", "t_ptr"}
-
-
 @dataclass
-class Variant:
-    """One kernel the op can launch: the pair kernel or the finalize kernel, and its constants."""
-
-    kernel: str
-    dtype: str
-    hard: bool
-    need_gs: bool
-    need_gt: bool
-    fused: bool
-    block: int
-    num_warps: int
-    # How the runtime specializes the other arguments, which it decides per call:
-    int_type: str = "i32"  # "i64": an integer argument >= 2^31 (a long row, a strided view)
-    aligned: bool = False  # every pointer 16-byte aligned, every integer a multiple of 16
-    splits_pow2: int = 0  # the finalize kernel's SPLITS_POW2 (next power of 2 of the splits)
-
-
-@dataclass
-class Row(Variant):
+class Row(KernelVariant):
     target: str = ""
     status: str = ""
     regs: Optional[int] = None
@@ -82,32 +58,23 @@ class Row(Variant):
     error: str = ""
 
 
-def flag_sets():
-    """(hard, need_gs, need_gt) as the op passes them: a hard teacher never computes its gradient."""
-    for hard, need_gs, need_gt in itertools.product((False, True), repeat=3):
-        if not (hard and need_gt):
-            yield hard, need_gs, need_gt
-
-
-def variants(quick: bool) -> List[Variant]:
+def variants(quick: bool) -> List[KernelVariant]:
     """Every pair-kernel variant (quick: at one configuration) and the finalize kernel's."""
-    configs = tk.GPU_CONFIGS
-    main = next(c for c in configs if c.kwargs["BLOCK"] == 64 and c.num_warps == 8)
+    configs = triton_tools.GPU_CONFIGS
+    main = (64, 8)
     # quick: the half types differ from float32 only in their loads; they get the usual call alone.
-    dtypes = ["float32", "float64"] if quick else list(INPUT_TYPES)
+    dtypes = ["float32", "float64"] if quick else list(triton_tools.INPUT_TYPES)
     out = []
     for dtype, (hard, need_gs, need_gt), fused in itertools.product(dtypes, flag_sets(), (True, False)):
-        for config in [main] if quick else configs:
-            out.append(Variant("pairs", dtype, hard, need_gs, need_gt, fused,
-                               config.kwargs["BLOCK"], config.num_warps))
+        for block, warps in [main] if quick else configs:
+            out.append(KernelVariant("pairs", dtype, hard, need_gs, need_gt, fused, block, warps))
     if quick:  # the usual call (soft teacher, student gradient, fused) in the half types, and at
         # the other configurations in float32
         for dtype in ("float16", "bfloat16"):
-            out.append(Variant("pairs", dtype, False, True, False, True, 64, main.num_warps))
-        for config in configs:
-            if config is not main:
-                out.append(Variant("pairs", "float32", False, True, False, True,
-                                   config.kwargs["BLOCK"], config.num_warps))
+            out.append(KernelVariant("pairs", dtype, False, True, False, True, *main))
+        for block, warps in configs:
+            if (block, warps) != main:
+                out.append(KernelVariant("pairs", "float32", False, True, False, True, block, warps))
     # The specializations the runtime adds per call, on every flag set at the main configuration
     # (quick: on the usual call): 64-bit integers, and 16-divisible pointers and integers (C = 1000
     # or 1024, aligned tensors: Triton then widens the loads), alone and together.
@@ -115,18 +82,19 @@ def variants(quick: bool) -> List[Variant]:
     special_flags = [(False, True, False)] if quick else list(flag_sets())
     for dtype, (hard, need_gs, need_gt), fused, (int_type, aligned) in itertools.product(
             special_dtypes, special_flags, (True, False), (("i64", False), ("i32", True), ("i64", True))):
-        out.append(Variant("pairs", dtype, hard, need_gs, need_gt, fused, 64, main.num_warps,
-                           int_type=int_type, aligned=aligned))
+        out.append(KernelVariant("pairs", dtype, hard, need_gs, need_gt, fused, *main,
+                                 int_type=int_type, aligned=aligned))
     # The finalize kernel for every SPLITS_POW2 that num_splits can give (2 .. MAX_SPLITS), every
     # gradient set (none: an evaluation's loss alone) and the same specializations.
-    splits_pow2 = [2**e for e in range(1, tk.MAX_SPLITS.bit_length())]
+    splits_pow2 = [2**e for e in range(1, triton_tools.MAX_SPLITS.bit_length())]
     grads = ((True, True), (True, False), (False, True), (False, False))
     for acc, (need_gs, need_gt), pow2 in itertools.product(("float32", "float64"), grads, splits_pow2):
-        out.append(Variant("finalize", acc, False, need_gs, need_gt, False, tk.FINALIZE_BLOCK, 4,
-                           splits_pow2=pow2))
+        out.append(KernelVariant("finalize", acc, False, need_gs, need_gt, False, triton_tools.FINALIZE_BLOCK,
+                                 triton_tools.FINALIZE_WARPS, splits_pow2=pow2))
     for acc, (int_type, aligned) in itertools.product(("float32", "float64"), (("i64", False), ("i32", True))):
-        out.append(Variant("finalize", acc, False, True, False, False, tk.FINALIZE_BLOCK, 4,
-                           int_type=int_type, aligned=aligned, splits_pow2=4))
+        out.append(KernelVariant("finalize", acc, False, True, False, False, triton_tools.FINALIZE_BLOCK,
+                                 triton_tools.FINALIZE_WARPS, int_type=int_type, aligned=aligned,
+                                 splits_pow2=4))
     return out
 
 
@@ -142,40 +110,6 @@ def aot_api_missing() -> Optional[str]:
     return None
 
 
-def _source(variant: Variant):
-    from triton.compiler import ASTSource
-
-    acc = "fp64" if variant.dtype == "float64" else "fp32"
-    if variant.kernel == "pairs":
-        fn = tk._kendall_pairs_kernel
-        constants = dict(HARD=variant.hard, NEED_GS=variant.need_gs, NEED_GT=variant.need_gt,
-                         FUSED_FINALIZE=variant.fused, FAST_RCP=acc == "fp32", BLOCK=variant.block)
-    else:
-        fn = tk._kendall_finalize_kernel
-        constants = dict(NEED_GS=variant.need_gs, NEED_GT=variant.need_gt,
-                         SPLITS_POW2=variant.splits_pow2, BLOCK=variant.block)
-    signature: Dict[str, str] = {}
-    divisible = []  # arguments the runtime marks tt.divisibility=16 (Triton's "D" specialization)
-    for index, name in enumerate(fn.arg_names):
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name in INPUT_POINTERS:
-            signature[name] = "*" + INPUT_TYPES[variant.dtype]
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + acc
-        elif name in INT_ARGS:
-            signature[name] = variant.int_type
-        elif name in FLOAT_ARGS:
-            signature[name] = "fp32"
-        else:
-            raise KeyError(f"benchmarks.triton_aot does not know argument {name!r} of {fn.__name__}")
-        if variant.aligned and (name.endswith("_ptr") or name in INT_ARGS):
-            divisible.append(index)
-    constexprs = {(fn.arg_names.index(name),): value for name, value in constants.items()}
-    attrs = {(index,): [["tt.divisibility", 16]] for index in divisible}
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-
-
 def _cuobjdump() -> Optional[str]:
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
@@ -184,15 +118,15 @@ def _cuobjdump() -> Optional[str]:
 RESOURCE_LINE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
-def compile_variant(variant: Variant, arch: int, cuobjdump: Optional[str]) -> Row:
+def compile_variant(variant: KernelVariant, arch: int, cuobjdump: Optional[str]) -> Row:
     """Compile one variant for sm_<arch>; the row says how it went and what it uses."""
     from triton.backends.compiler import GPUTarget
 
     row = Row(**asdict(variant), target=f"sm_{arch}")
     start = time.perf_counter()
     try:
-        compiled = triton.compile(_source(variant), target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": variant.num_warps, "num_stages": 1})
+        compiled = triton.compile(variant.source(), target=GPUTarget("cuda", arch, 32),
+                                  options=variant.options())
     except Exception as err:  # the compiler raises many types; each is a failed variant
         row.status = "compile_error"
         row.error = " ".join(str(err).split())[:300]

@@ -11,13 +11,13 @@ registers its kernels itself; a library that cannot load leaves its reason, neve
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, Optional
 
 import torch
 
 from . import _ext, expsum, ops  # noqa: F401  (the schemas, defined before a library registers kernels)
 from .reference import kendall_reference_rows
+from .triton_runtime import INTERPRETING
 
 RowsLoss = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 
@@ -30,22 +30,18 @@ if torch.cuda.is_available():
     _ext.cuda_problem()
 
 try:
-    from . import triton_kernel  # noqa: E402  (registers rkkd::kendall_triton)
+    from . import triton_pairs  # noqa: E402  (registers rkkd::kendall_triton)
     from . import triton_expsum  # noqa: E402,F401  (registers rkkd::kendall_expsum_triton)
 
     _TRITON_MISSING: Optional[str] = None
 except ImportError as err:  # Triton is optional: the CUDA extension serves GPUs without it
-    triton_kernel = None
+    triton_pairs = None
     _TRITON_MISSING = f"triton does not import ({err}); `pip install triton` to use it"
 except Exception as err:  # a Triton that imports but fails to set up must not break the package
-    triton_kernel = None
+    triton_pairs = None
     _TRITON_MISSING = f"the Triton backend failed to load ({type(err).__name__}: {err})"
 
 NO_GPU = "no CUDA device here"
-
-
-def _interpreting_triton() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _interpreter_problem() -> Optional[str]:
@@ -54,12 +50,12 @@ def _interpreter_problem() -> Optional[str]:
     (seen with Triton 3.2 and 3.6)."""
     import numpy
     import triton
+    from torch.torch_version import TorchVersion
 
-    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
     try:
         int(numpy.ones(1))
     except TypeError:
-        if version < (3, 8):
+        if TorchVersion(triton.__version__) < (3, 8):
             return (f"backend 'triton' on CPU tensors (TRITON_INTERPRET=1) needs Triton >= 3.8 with "
                     f"numpy {numpy.__version__}: Triton {triton.__version__}'s interpreter passes "
                     f"integer arguments as 1-element arrays, which this numpy does not turn into ints")
@@ -90,7 +86,7 @@ def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
             return _TRITON_MISSING
         if device.type == "cuda":
             return None if torch.cuda.is_available() else NO_GPU
-        if device.type == "cpu" and _interpreting_triton():
+        if device.type == "cpu" and INTERPRETING:
             return _INTERPRETER_PROBLEM
         return (
             f"backend 'triton' runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set "
@@ -144,7 +140,7 @@ def _device_served(backend: str) -> torch.device:
     """The device whose tensors ``backend`` takes here (the GPU where one is)."""
     if backend in ("cpu", "reference"):
         return torch.device("cpu")
-    if backend == "triton" and not torch.cuda.is_available() and _interpreting_triton():
+    if backend == "triton" and not torch.cuda.is_available() and INTERPRETING:
         return torch.device("cpu")
     return torch.device("cuda")
 

@@ -137,7 +137,7 @@ def _right_cut(step: float, cut: float) -> float:
 
 
 # float32: 1/x^2 discretised to 4.4e-8 and tails of 1e-8; float64: 3.0e-13 and 1e-14. Mirrored by
-# csrc/expsum.h (ExpsumLattice), which must hold the same three numbers.
+# csrc/expsum.h (ExpsumLattice), which must hold the same three numbers (tests/test_shared_constants.py).
 LATTICES = {
     torch.float32: Lattice(step=7.0 / 16.0, cut=1e-8, max_spread=80.0),
     torch.float64: Lattice(step=9.0 / 32.0, cut=1e-14, max_spread=700.0),

@@ -1,4 +1,5 @@
-"""The public loss: validation (docs/contract.md's errors), the ``(..., C) -> rows`` view, top_k, reduction.
+"""The public loss: validation (docs/contract.md's errors, by checks.py), the ``(..., C) -> rows``
+view, top_k, reduction.
 
 Everything that is not pair math lives here, once, so that every backend only implements full rows
 of a 2-D contiguous block.
@@ -6,25 +7,15 @@ of a 2-D contiguous block.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional
 
 import torch
 from torch import nn
 
-from . import backends, expsum
+from . import backends, checks, expsum
 
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_k(k: float) -> float:
-    if isinstance(k, bool) or not isinstance(k, numbers.Real):
-        raise ValueError(f"k must be a positive finite number, got {k!r}")
-    k = float(k)
-    if not math.isfinite(k) or k <= 0:
-        raise ValueError(f"k must be a positive finite number, got {k!r}")
-    return k
 
 
 def _check_options(k, top_k, reduction, backend, method="auto", hard_teacher=False) -> float:
@@ -38,27 +29,11 @@ def _check_options(k, top_k, reduction, backend, method="auto", hard_teacher=Fal
             raise ValueError(f"top_k must be an int or None, got {top_k!r}")
         if top_k < 2:
             raise ValueError(f"top_k must be at least 2, got {top_k}")
-    return _check_k(k)
+    return checks.check_k(k)
 
 
 def _check_tensors(student, teacher, top_k) -> None:
-    for name, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} logits must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} logits must have a floating dtype, got {x.dtype}")
-    if student.device != teacher.device:
-        raise ValueError(
-            f"student and teacher are on different devices ({student.device} and {teacher.device})"
-        )
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"student and teacher shapes differ: {tuple(student.shape)} vs {tuple(teacher.shape)}"
-        )
-    if student.dim() == 0 or student.shape[-1] < 2:
-        raise ValueError(
-            f"the last dimension holds the C >= 2 classes; got shape {tuple(student.shape)}"
-        )
+    checks.check_logits(student, teacher)
     if top_k is not None and top_k > student.shape[-1]:
         raise ValueError(f"top_k must lie in [2, C={student.shape[-1]}], got {top_k}")
 

@@ -19,23 +19,26 @@ positive the prefix sums only grow, so that value is the running
 maximum over the tile of the sums at group starts (``tl.associative_scan`` with max), and a group
 begun in an earlier tile carries its value over. All sums are float64 (for float32 inputs too: a
 blocked float32 variant is left for when it can be measured on a GPU). A row beyond the lattice's
-spread takes a plain O(C^2) pair loop in the same program, in float64.
+spread takes the pair kernel's tile loop (``triton_pairs.tile_row``) in its direct form, in the same
+program, in float64.
 """
 
 from __future__ import annotations
 
-import os
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from . import expsum, ops
+from . import expsum
+from .checks import check_op_inputs
 from .dtypes import accumulation_dtype
-from .triton_kernel import _launcher  # wrap_triton on a GPU, the plain kernel under the interpreter
+from .triton_pair_math import FORM_DIRECT, from_halves
+from .triton_pairs import tile_row
+from .triton_runtime import INTERPRETING, MAX_GRID_ROWS, float32_halves, launcher, register_op
 
 OP_NAME = "rkkd::kendall_expsum_triton"
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 KIND_EXPSUM, KIND_NON_FINITE, KIND_PAIRS = 0, 1, 2
 
@@ -91,38 +94,21 @@ def _scan(b_row, first_row, g_row, C, t_nodes, valid_m,
 
 
 @triton.jit
-def _pair_row(b_row, t_row, g_row, C, BLOCK_C: tl.constexpr):
-    """The guarded path: every pair directly (tanh from exp(-2|d|), which cannot overflow), in
-    float64; g_row gets d loss / ds over k directly. Returns the sum over ordered pairs of
-    tanh * sign."""
-    tau = tl.sum(tl.zeros([BLOCK_C], tl.float64), axis=0)
-    for i0 in range(0, C, BLOCK_C):
-        i = i0 + tl.arange(0, BLOCK_C)
-        bi = tl.load(b_row + i, mask=i < C, other=0.0)
-        ti = tl.load(t_row + i, mask=i < C, other=0.0)
-        gi = tl.zeros([BLOCK_C], tl.float64)
-        for j0 in range(0, C, BLOCK_C):
-            j = j0 + tl.arange(0, BLOCK_C)
-            bj = tl.load(b_row + j, mask=j < C, other=0.0)
-            tj = tl.load(t_row + j, mask=j < C, other=0.0)
-            valid = (i[:, None] < C) & (j[None, :] < C)
-            d = 0.5 * (bi[:, None] - bj[None, :])  # k (s_i - s_j)
-            e2 = tl.exp(-2.0 * tl.abs(d))
-            th = (1.0 - e2) / (1.0 + e2)
-            th = tl.where(d < 0, -th, th)
-            sech2 = 4.0 * e2 / ((1.0 + e2) * (1.0 + e2))
-            dt = ti[:, None] - tj[None, :]
-            w = tl.where(dt > 0, 1.0, tl.where(dt < 0, -1.0, 0.0))
-            w = tl.where(valid, w, 0.0)
-            tau += tl.sum(tl.sum(th * w, axis=1), axis=0)
-            gi += tl.sum(sech2 * w, axis=1)
-        tl.store(g_row + i, gi, mask=i < C)
-    return 0.5 * tau
+def _pair_row(b_row, t_row, g_row, C, log2e, NEED_GRAD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The guarded path: the pair kernel's tiles in the direct form, in float64, on b = 2k (s - c),
+    where 1 stands for 2k and log2(e) for 2k / ln 2; g_row (zeros) gets the sums G of
+    csrc/pair_math.h. Returns P * tau."""
+    one = tl.sum(tl.full([1], 1.0, tl.float64), axis=0)
+    tau = tl.sum(tl.zeros([1], tl.float64), axis=0)
+    for ti in range(0, tl.cdiv(C, BLOCK_C)):
+        tau += tile_row(b_row, t_row, g_row, g_row, ti, C, one, log2e, tl.float64, True, NEED_GRAD,
+                        False, FORM_DIRECT, False, BLOCK_C)
+    return tau
 
 
 @triton.jit
 def _expsum_kernel(b_ptr, t_ptr, first_ptr, last_ptr, m_lo_ptr, count_ptr, kind_ptr, tied_ptr,
-                   loss_ptr, g_ptr, C, step,
+                   loss_ptr, g_ptr, C, step, log2e_hi, log2e_lo,
                    NEED_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b_row = b_ptr + row * C
@@ -152,12 +138,13 @@ def _expsum_kernel(b_ptr, t_ptr, first_ptr, last_ptr, m_lo_ptr, count_ptr, kind_
             g = tl.load(g_row + cols, mask=cols < C, other=0.0)
             tl.store(g_row + cols, g * scale, mask=cols < C)
     elif kind == 2:
-        tau = _pair_row(b_row, t_ptr + row * C, g_row, C, BLOCK_C)
+        log2e = from_halves(log2e_hi, log2e_lo, tl.float64)
+        tau = _pair_row(b_row, t_ptr + row * C, g_row, C, log2e, NEED_GRAD, BLOCK_C)
         tl.store(loss_ptr + row, 1.0 - tau / pairs)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             g = tl.load(g_row + cols, mask=cols < C, other=0.0)
-            tl.store(g_row + cols, -g / pairs, mask=cols < C)
+            tl.store(g_row + cols, -4.0 * g / pairs, mask=cols < C)
     else:
         tl.store(loss_ptr + row, float("nan"))
         for c0 in range(0, C, BLOCK_C):
@@ -165,19 +152,13 @@ def _expsum_kernel(b_ptr, t_ptr, first_ptr, last_ptr, m_lo_ptr, count_ptr, kind_
             tl.store(g_row + cols, tl.full([BLOCK_C], float("nan"), tl.float64), mask=cols < C)
 
 
-def _kendall_expsum_triton(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    k: float,
-    hard_teacher: bool,
-    need_grad_student: bool,
-    need_grad_teacher: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kendall_expsum_triton(student: torch.Tensor, teacher: torch.Tensor, k: float, hard_teacher: bool,
+                           need_grad_student: bool, need_grad_teacher: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op contract of ``ops.py`` for the hard teacher, by exponential sums (see the module)."""
+    check_op_inputs(OP_NAME, student, teacher, k, max_rows=MAX_GRID_ROWS)
     if not hard_teacher:
         raise RuntimeError(f"{OP_NAME} computes the hard-teacher loss only (hard_teacher=True)")
-    if student.dim() != 2 or teacher.shape != student.shape or student.shape[1] < 2:
-        raise RuntimeError(f"{OP_NAME} expects two (rows, C >= 2) tensors of one shape")
     rows, c = student.shape
     acc = accumulation_dtype(student.dtype)
     lat = expsum.lattice(student.dtype)
@@ -206,9 +187,10 @@ def _kendall_expsum_triton(
     g_sorted = torch.empty((rows, c), dtype=torch.float64, device=s.device)
     if rows > 0:
         block_c = 16 if INTERPRETING and c <= 64 else 64
-        _launcher(_expsum_kernel)[(rows,)](
+        launcher(_expsum_kernel)[(rows,)](
             b, t_sorted.contiguous(), first, last, m_lo.to(torch.int32).contiguous(), count.contiguous(),
             kind.to(torch.int32).contiguous(), tied, loss, g_sorted, c, float(lat.step),
+            *float32_halves(1.0 / math.log(2.0)),
             NEED_GRAD=bool(need_grad_student), BLOCK_C=block_c, BLOCK_M=32,
         )
         # The kernel writes the gradient over k: a float scalar argument reaches a GPU kernel as
@@ -221,14 +203,4 @@ def _kendall_expsum_triton(
     return loss.to(acc), grad_s, grad_t
 
 
-if INTERPRETING:
-    kendall_expsum_triton = torch.library.custom_op(OP_NAME, mutates_args=(), schema=ops.SCHEMA)(
-        _kendall_expsum_triton
-    )
-    kendall_expsum_triton.register_fake(ops.kendall_fake)
-else:
-    kendall_expsum_triton = torch.library.triton_op(OP_NAME, mutates_args=(), schema=ops.SCHEMA)(
-        _kendall_expsum_triton
-    )
-
-ops.register_autograd_and_vmap(OP_NAME)
+kendall_expsum_triton = register_op(OP_NAME, _kendall_expsum_triton)

@@ -70,13 +70,13 @@ def test_triton_rejects_k_below_its_range():
     reason = backends.why_unavailable("triton", torch.device(device))
     if reason is not None:
         pytest.skip(reason)
-    from rkkd_kernels import triton_kernel as tk
+    from rkkd_kernels import triton_pairs as tk
 
     s = torch.randn(2, 5, dtype=torch.float64, device=device)
     with pytest.raises(RuntimeError, match="k"):
         torch.ops.rkkd.kendall_triton(s, s, 1e-306, False, False, False)
-    assert tk.MIN_K == 2.0**-100
-    loss, _, _ = torch.ops.rkkd.kendall_triton(s, s, tk.MIN_K, False, False, False)
+    assert tk.K_RANGE.low == 2.0**-100
+    loss, _, _ = torch.ops.rkkd.kendall_triton(s, s, tk.K_RANGE.low, False, False, False)
     assert torch.isfinite(loss).all()
 
 

@@ -25,13 +25,14 @@ from conftest import interpreted
 from helpers import assert_matches, make_logits, truth
 from rkkd_kernels import backends, kendall_loss, ops
 from rkkd_kernels.dtypes import accumulation_dtype
+from rkkd_kernels.row_paths import RATIO_MAX_SPREAD
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _WHY_NOT = backends.why_unavailable("triton", torch.device(DEVICE))
 pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=f"triton backend: {_WHY_NOT}")
 
 if _WHY_NOT is None:
-    from rkkd_kernels import triton_kernel as tk
+    from rkkd_kernels import triton_pairs as tk
 
 
 def logits(shape, dtype=torch.float64, **kw):
@@ -101,7 +102,7 @@ def test_bad_calls_of_the_op_raise():
         with pytest.raises(RuntimeError, match="kendall_triton"):
             run_op(*args)
     for k in (0.0, -1.0, math.inf, math.nan):
-        with pytest.raises(RuntimeError, match="positive finite k"):
+        with pytest.raises(RuntimeError, match="kendall_triton: k must be a positive finite number"):
             run_op(s, s, k)
 
 
@@ -235,7 +236,7 @@ def test_large_spread_rows_next_to_ordinary_ones(splits, dtype, hard, n_splits):
     form, row by row: ordinary rows, rows just under and over the limit, and far beyond it."""
     splits(n_splits)
     k = 2.0
-    limit = tk.RATIO_MAX_SPREAD[dtype]
+    limit = RATIO_MAX_SPREAD[dtype]
     c = 37
     unit = logits((1, c), seed=11, scale=1.0)
     unit = (unit - unit.min()) / (unit.max() - unit.min())  # spread exactly 1
@@ -333,7 +334,7 @@ def test_gradcheck_through_the_backend(splits, shape, k, hard, n_splits):
     s = logits(shape, seed=22, scale=scale).requires_grad_(True)
     t = logits(shape, seed=23, scale=scale).requires_grad_(not hard)
     if k == 30.0:
-        assert k * (s.max() - s.min()) > tk.RATIO_MAX_SPREAD[torch.float64]
+        assert k * (s.max() - s.min()) > RATIO_MAX_SPREAD[torch.float64]
 
     def fn(s, t):
         return kendall_loss(s, t, k, hard_teacher=hard, reduction="none", backend="triton")

@@ -61,9 +61,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from rkkd_kernels import triton_expsum as te
 fn = te._expsum_kernel
-types = {"b_ptr": "*fp64", "t_ptr": "*fp32", "first_ptr": "*i8", "last_ptr": "*i8", "m_lo_ptr": "*i32",
+types = {"b_ptr": "*fp64", "t_ptr": "*fp64", "first_ptr": "*i8", "last_ptr": "*i8", "m_lo_ptr": "*i32",
          "count_ptr": "*i32", "kind_ptr": "*i32", "tied_ptr": "*fp64", "loss_ptr": "*fp64",
-         "g_ptr": "*fp64", "C": "i32", "step": "fp32"}
+         "g_ptr": "*fp64", "C": "i32", "step": "fp32", "log2e_hi": "fp32", "log2e_lo": "fp32"}
 for need in (True, False):
     consts = dict(NEED_GRAD=need, BLOCK_C=64, BLOCK_M=32)
     sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}

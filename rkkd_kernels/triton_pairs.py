@@ -31,30 +31,16 @@ scratch holds (splits - 1) * rows < SMs rows of C; each program also keeps two r
 student's and teacher's weights (below), 2 * rows * splits rows in all: extra memory stays
 O(rows * C).
 
-*tanh of a pair, exactly for every spread.* Per row, with centre c = (max + min) / 2 and
-a_i = exp(2k (x_i - c)) (one exp per element and program, not per pair or tile: each program
-writes its row's weights into its own weight rows once, and the tile loop loads them):
-
-    tanh(k (x_i - x_j)) = p - q,   (1 - tanh^2) / 4 = p * q,   p = a_i / (a_i + a_j), q = a_j / (a_i + a_j)
-
-One division per pair and tensor, no cancellation where tanh saturates (p * q stays accurate where
-1 - tanh^2 would round to 0). It has no overflow while k * (max - min) <= 80 (float32) or 700
-(float64), where every a_i is a normal number and a_i + a_j cannot overflow. Its tanh is exact to
-ulps of 1, though, not of tanh: rows of k * (max - min) <= 1 take the small-spread form instead,
-e_i = expm1(2k (x_i - c)) and tanh = (e_i - e_j) / (e_i + e_j + 2), exact relative to the row's
-largest tanh for any k > 0 (expm1 is a series here: Triton has no expm1). Rows beyond the ratio form
-take the direct form, tanh(d) = sign(d) (1 - e) / (1 + e) with e = exp(-2|d|) in (0, 1], which
-cannot overflow either; the choice is one uniform branch per row, taken inside the kernel (no host
-sync): the rule of choose_row_path in csrc/pair_math.h (see _row_form). The ratio form is also what
-makes the GPU fast:
-one reciprocal per pair and tensor (rcp.approx.ftz.f32, 1 ulp, for float32 on the GPU), and one
-exp2 per element and program, with 2k / ln 2 folded into a per-row scale; no libdevice tanh, and
-none of tanh.approx's 2^-11 error. The interpreter, which has no libdevice, runs the same code with an
-exact division. Interior tiles skip the per-pair mask and the bounds tests of their loads and
-stores; only diagonal and last tiles carry them.
+*tanh of a pair* comes from ``triton_pair_math.py`` (the Triton copy of csrc/pair_math.h): per row
+one of three forms, chosen inside the kernel by the row's k * (max - min). Each program writes its
+row's weights (expm1 or exp of 2k (x - centre), or the logits) into its own weight rows once, and
+the tile loop loads them: one exp per element and program, not per pair or tile. Interior tiles
+skip the per-pair mask and the bounds tests of their loads and stores; only diagonal and last
+tiles carry them.
 
 Under TRITON_INTERPRET=1 the op is an opaque ``custom_op`` (fake tensors cannot run interpreted
-kernels); on the GPU it is a ``triton_op``, so torch.compile sees the kernels.
+kernels); on the GPU it is a ``triton_op``, so torch.compile sees the kernels
+(``triton_runtime.register_op``).
 
 Rows holding a non-finite logit skip the pair loop and get NaN loss and gradients (a hard teacher's
 zero gradient stays zero).
@@ -62,19 +48,39 @@ zero gradient stays zero).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import os
-import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from . import ops
+from .checks import KRange, check_op_inputs
 from .dtypes import accumulation_dtype
+from .row_paths import RATIO_MAX_SPREAD
+from .triton_pair_math import (
+    FORM_DIRECT,
+    FORM_RATIO,
+    FORM_SMALL,
+    from_halves,
+    inv_pairs,
+    row_centre,
+    row_form,
+    row_range,
+    sign,
+    tanh_pair,
+    weights,
+)
+from .triton_runtime import (
+    INTERPRETING,
+    MAX_GRID_ROWS,
+    float32_halves,
+    launcher,
+    on_device_of,
+    register_op,
+)
 
 if not hasattr(torch.library, "triton_op"):  # backends reads an ImportError as "Triton absent"
     raise ImportError(
@@ -82,18 +88,6 @@ if not hasattr(torch.library, "triton_op"):  # backends reads an ImportError as 
     )
 
 OP_NAME = "rkkd::kendall_triton"
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# Largest k * (max - min) of a row that the ratio form serves exactly (see csrc/pair_math.h).
-RATIO_MAX_SPREAD = {torch.float32: 80.0, torch.float64: 700.0}
-# Largest k * (max - min) of a row that takes the small-spread form (kSmallSpreadMax there).
-SMALL_SPREAD_MAX = 1.0
-
-# How a row's pairs are computed (constexpr FORM of the pair functions).
-FORM_SMALL: tl.constexpr = tl.constexpr(0)  # e = expm1(2k (x - centre)), tanh from e_i, e_j
-FORM_RATIO: tl.constexpr = tl.constexpr(1)  # a = exp(2k (x - centre)), tanh from a_i, a_j
-FORM_DIRECT: tl.constexpr = tl.constexpr(2)  # the logits themselves, tanh of each difference
 
 # At most this many programs share one row (the finalize kernel adds their partial rows).
 MAX_SPLITS = 64
@@ -104,70 +98,16 @@ MIN_COLUMNS_PER_SPLIT = 16 if INTERPRETING else 128
 INTERPRETER_PROGRAMS = 4
 
 FINALIZE_BLOCK = 16 if INTERPRETING else 1024
-# The most rows one call takes: the pair kernel's grid puts rows on axis 0 (at most 2^31 - 1).
-MAX_ROWS = 2**31 - 1
-# The k range: k arrives as two float32 halves (see _float32_halves), whose low half must stay a
-# normal float32 (k * 2^-24 >= 2^-126) for ~48 bits of k; below float32's range k would be 0.
-MIN_K = 2.0**-100
-MAX_K = 1.0e38
+# The k range (docs/contract.md, "Precision"): k arrives as two float32 halves, whose low half must
+# stay a normal float32 (k * 2^-24 >= 2^-126) for ~48 bits of k; 2k / ln 2 must stay below float32's
+# largest value.
+K_RANGE = KRange(2.0**-100, 1.0e38, "[2^-100, 1e38), as it reaches the Triton kernels as two float32 "
+                 "halves (the CPU and CUDA backends take any positive finite k)")
 
 
 # ----------------------------------------------------------------------------------------------
-# Pair math (the Triton copy of csrc/pair_math.h)
+# The tile loop
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _reciprocal(x, FAST_RCP: tl.constexpr):
-    """1 / x; FAST_RCP (GPU, float32): one MUFU rcp.approx (1 ulp), not div.full's range fix-ups.
-
-    The ratio form only takes reciprocals of a_i + a_j in [2 exp(-80), 2 exp(80)], normal numbers
-    far from rcp.approx's denormal and overflow edges.
-    """
-    if FAST_RCP:
-        r = tl.inline_asm_elementwise(
-            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        r = 1.0 / x
-    return r
-
-
-@triton.jit
-def _tanh_pair(u_i, u_j, two_k, exp2_scale, FORM: tl.constexpr, FAST_RCP: tl.constexpr):
-    """tanh(k (x_i - x_j)) and (1 - tanh^2) / 4 of a tile of pairs; two_k = 2k, exp2_scale = 2k / ln 2.
-
-    u are the weights of _weights: expm1 (FORM_SMALL), exp (FORM_RATIO) or the logits (FORM_DIRECT).
-    """
-    if FORM == FORM_SMALL:
-        # |tanh| <= tanh(1) on these rows: 1 - tanh^2 >= 0.41, no cancellation.
-        inv = _reciprocal(u_i + u_j + 2.0, FAST_RCP)
-        th = (u_i - u_j) * inv
-        quarter_sech2 = 0.25 - 0.25 * th * th
-    elif FORM == FORM_RATIO:
-        inv = _reciprocal(u_i + u_j, FAST_RCP)
-        p = u_i * inv
-        q = u_j * inv
-        th = p - q
-        quarter_sech2 = p * q
-    else:
-        # tanh|z| = -m / (2 + m), m = expm1(-2|z|), exact for small |z| too (1 - exp(-2|z|) would
-        # cancel there); (1 - tanh^2) / 4 = e / (1 + e)^2 with e = exp(-2|z|) in (0, 1], which
-        # does not overflow, and is 0 where tanh saturates.
-        d = u_i - u_j
-        e = tl.exp2(-exp2_scale * tl.abs(d))
-        m = _expm1(-two_k * tl.abs(d))
-        inv = 1.0 / (1.0 + e)
-        th = -m * inv
-        th = tl.where(d < 0, -th, th)
-        quarter_sech2 = e * inv * inv
-    return th, quarter_sech2
-
-
-@triton.jit
-def _sign(x):
-    """sign(x) with sign(0) = 0, in x's dtype: the hard teacher's weight."""
-    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
 
 
 @triton.jit
@@ -185,68 +125,22 @@ def _load_weights(w_row, offs, C, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _expm1(x):
-    """expm1(x) to a few ulps in float32 and float64: Triton has no expm1, the interpreter no
-    libdevice.
-
-    |x| < 1/2: the Taylor series x (1 + x/2 (1 + x/3 (1 + ... (1 + x/N)))), whose remainder is
-    below 0.5^N / (N + 1)! of x: N = 8 for float32 (1e-8), 14 for float64 (5e-17). The factors 1/n
-    are divisions of a 1 in x's dtype, one per tile (a float literal 1/n would be rounded to float32
-    even for float64). Elsewhere exp(x) - 1, where the subtraction costs at most a bit or two.
-    """
-    small = tl.abs(x) < 0.5
-    one = tl.sum(tl.full([1], 1.0, x.dtype), axis=0)
-    r = x * 0.0 + 1.0
-    if x.dtype == tl.float64:
-        for n in tl.static_range(14, 1, -1):
-            r = 1.0 + x * r * (one / n)
-    else:
-        for n in tl.static_range(8, 1, -1):
-            r = 1.0 + x * r * (one / n)
-    return tl.where(small, x * r, tl.exp(x) - 1.0)
-
-
-@triton.jit
-def _weights(x, centre, two_k, exp2_scale, FORM: tl.constexpr):
-    """The weights of _tanh_pair: expm1(2k (x - centre)), exp(2k (x - centre)) or x itself.
-
-    exp2 with 2k / ln 2 folded into one per-row scale: one rounding fewer than exp's own x * log2 e.
-    """
-    if FORM == FORM_SMALL:
-        u = _expm1(two_k * (x - centre))
-    elif FORM == FORM_RATIO:
-        u = tl.exp2(exp2_scale * (x - centre))
-    else:
-        u = x
-    return u
-
-
-@triton.jit
 def _store_weights(s_row, t_row, ws_row, wt_row, C, s_centre, t_centre, two_k, exp2_scale,
                    ACC: tl.constexpr, HARD: tl.constexpr, FORM: tl.constexpr, BLOCK: tl.constexpr):
-    """The weights of _weights of both rows (a hard teacher: its logits), once per program, into its
-    own weight rows: the tile loop loads them instead of taking an exp of each tile's j side for
-    every tile-row (and in every warp that holds the tile's j side)."""
+    """The weights of both rows (triton_pair_math.weights; a hard teacher: its logits), once per
+    program, into its own weight rows: the tile loop loads them instead of taking an exp of each
+    tile's j side for every tile-row (and in every warp that holds the tile's j side)."""
     offs = tl.arange(0, BLOCK)
     for start in range(0, C, BLOCK):
         cols = start + offs
         inside = cols < C
-        us = _weights(tl.load(s_row + cols, mask=inside, other=0.0).to(ACC), s_centre, two_k,
-                      exp2_scale, FORM)
+        us = weights(tl.load(s_row + cols, mask=inside, other=0.0).to(ACC), s_centre, two_k,
+                     exp2_scale, FORM)
         tl.store(ws_row + cols, us, mask=inside)
         ut = tl.load(t_row + cols, mask=inside, other=0.0).to(ACC)
         if not HARD:
-            ut = _weights(ut, t_centre, two_k, exp2_scale, FORM)
+            ut = weights(ut, t_centre, two_k, exp2_scale, FORM)
         tl.store(wt_row + cols, ut, mask=inside)
-
-
-@triton.jit
-def _row_form(spread, ratio_limit):
-    """FORM of a row of finite logits from k * max(spread of student, of teacher): the rule of
-    choose_row_path in csrc/pair_math.h, less its double ratio form (a float32 row beyond the float
-    ratio form takes the direct form here, in float32, which cannot overflow)."""
-    return tl.where(spread <= 1.0, FORM_SMALL,  # 1.0: SMALL_SPREAD_MAX
-                    tl.where(spread <= ratio_limit, FORM_RATIO, FORM_DIRECT))
 
 
 @triton.jit
@@ -270,24 +164,6 @@ def _add_into(row_ptr, offs, C, delta, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _row_range(row_ptr, C, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """(min, max, any non-finite) of one row, over its finite entries."""
-    offs = tl.arange(0, BLOCK)
-    lo = tl.full([BLOCK], float("inf"), ACC)
-    hi = tl.full([BLOCK], float("-inf"), ACC)
-    n_bad = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, C, BLOCK):
-        cols = start + offs
-        inside = cols < C
-        x = tl.load(row_ptr + cols, mask=inside, other=0.0).to(ACC)
-        finite = tl.abs(x) < float("inf")  # False for NaN and for +-inf
-        n_bad += tl.where(inside & (finite == 0), 1, 0)
-        lo = tl.minimum(lo, tl.where(inside & finite, x, float("inf")))
-        hi = tl.maximum(hi, tl.where(inside & finite, x, float("-inf")))
-    return tl.min(lo, axis=0), tl.max(hi, axis=0), tl.sum(n_bad, axis=0) > 0
-
-
-@triton.jit
 def _tile_pair(
     us_i, ut_i, cols_i, tj, tau_acc, gs_acc, gt_acc,
     ws_row, wt_row, gs_row, gt_row, C, two_k, exp2_scale,
@@ -302,12 +178,12 @@ def _tile_pair(
     cols_j = tj * BLOCK + tl.arange(0, BLOCK)
     us_j = _load_weights(ws_row, cols_j, C, MASKED)
     ut_j = _load_weights(wt_row, cols_j, C, MASKED)
-    th_s, qs_s = _tanh_pair(us_i[:, None], us_j[None, :], two_k, exp2_scale, FORM, FAST_RCP)
+    th_s, qs_s = tanh_pair(us_i[:, None], us_j[None, :], two_k, exp2_scale, FORM, FAST_RCP)
     if HARD:
-        w = _sign(ut_i[:, None] - ut_j[None, :])
+        w = sign(ut_i[:, None] - ut_j[None, :])
         qs_t = w  # unused: a hard teacher has no gradient
     else:
-        w, qs_t = _tanh_pair(ut_i[:, None], ut_j[None, :], two_k, exp2_scale, FORM, FAST_RCP)
+        w, qs_t = tanh_pair(ut_i[:, None], ut_j[None, :], two_k, exp2_scale, FORM, FAST_RCP)
     if MASKED:
         # j > i also drops every lane past C on the i side (j < C <= i there).
         valid = (cols_j[None, :] > cols_i[:, None]) & (cols_j[None, :] < C)
@@ -326,12 +202,13 @@ def _tile_pair(
 
 
 @triton.jit
-def _tile_row(
+def tile_row(
     ws_row, wt_row, gs_row, gt_row, ti, C, two_k, exp2_scale,
     ACC: tl.constexpr, HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
     FORM: tl.constexpr, FAST_RCP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Tiles (ti, tj), tj = ti .. n_tiles-1, of one row; returns their share of P * tau.
+    """Tiles (ti, tj), tj = ti .. n_tiles-1, of one row; returns their share of P * tau. Also the
+    exponential-sum kernel's fallback rows (triton_expsum.py).
 
     The i-side sums build up in BLOCK x BLOCK register tiles (adds only: reducing every tile along
     j would cost warp shuffles per pair) and go into the partial rows once, at tile ti; the j-side
@@ -377,6 +254,111 @@ def _scale_row(row_ptr, C, scale, bad, BLOCK: tl.constexpr):
         tl.store(row_ptr + cols, tl.where(bad, float("nan"), g * scale), mask=inside)
 
 
+@triton.jit
+def _partial_rows(gs_ptr, gt_ptr, gs_scratch_ptr, gt_scratch_ptr, row, split, rows, C):
+    """The gradient rows this program owns: the output rows (split 0) or its scratch rows."""
+    if split == 0:
+        gs_row = gs_ptr + row * C
+        gt_row = gt_ptr + row * C
+    else:
+        scratch_row = ((split - 1) * rows + row).to(tl.int64)
+        gs_row = gs_scratch_ptr + scratch_row * C
+        gt_row = gt_scratch_ptr + scratch_row * C
+    return gs_row, gt_row
+
+
+@triton.jit
+def _row_set_up(s_row, t_row, C, k, ratio_limit, ACC: tl.constexpr, HARD: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """(student centre, teacher centre, any non-finite logit, FORM) of one row."""
+    s_lo, s_hi, s_bad = row_range(s_row, C, ACC, BLOCK)
+    t_lo, t_hi, t_bad = row_range(t_row, C, ACC, BLOCK)
+    bad = s_bad | t_bad
+    if bad:  # the pair loop is skipped; keep the (unused) range finite all the same
+        s_lo = tl.sum(tl.zeros([1], ACC), axis=0)
+        s_hi = s_lo
+        t_lo = s_lo
+        t_hi = s_lo
+    s_centre = row_centre(s_lo, s_hi)
+    t_centre = row_centre(t_lo, t_hi)
+    spread = k * (s_hi - s_lo)
+    if not HARD:
+        spread = tl.maximum(spread, k * (t_hi - t_lo))
+    return s_centre, t_centre, bad, row_form(spread, ratio_limit)
+
+
+@triton.jit
+def _zero_rows(gs_row, gt_row, C, ACC: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """Zeros into the partial gradient rows that the tile loop adds to."""
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, C, BLOCK):
+        cols = start + offs
+        if NEED_GS:
+            tl.store(gs_row + cols, tl.zeros([BLOCK], ACC), mask=cols < C)
+        if NEED_GT:
+            tl.store(gt_row + cols, tl.zeros([BLOCK], ACC), mask=cols < C)
+
+
+@triton.jit
+def _store_row_weights(s_row, t_row, ws_row, wt_row, C, s_centre, t_centre, two_k, exp2_scale, form,
+                       ACC: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr):
+    """_store_weights of the row's form (a runtime value, one uniform branch per row)."""
+    if form == FORM_RATIO:
+        _store_weights(s_row, t_row, ws_row, wt_row, C, s_centre, t_centre, two_k, exp2_scale,
+                       ACC, HARD, FORM_RATIO, BLOCK)
+    elif form == FORM_SMALL:
+        _store_weights(s_row, t_row, ws_row, wt_row, C, s_centre, t_centre, two_k, exp2_scale,
+                       ACC, HARD, FORM_SMALL, BLOCK)
+    else:
+        _store_weights(s_row, t_row, ws_row, wt_row, C, s_centre, t_centre, two_k, exp2_scale,
+                       ACC, HARD, FORM_DIRECT, BLOCK)
+
+
+@triton.jit
+def _split_share(ws_row, wt_row, gs_row, gt_row, split, n_splits, C, two_k, exp2_scale, form, bad,
+                 ACC: tl.constexpr, HARD: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
+                 FAST_RCP: tl.constexpr, BLOCK: tl.constexpr):
+    """This split's tile-rows of the row (none for a row with a non-finite logit); returns their
+    share of P * tau."""
+    n_tiles = tl.cdiv(C, BLOCK)
+    n_rounds = tl.where(bad, 0, tl.cdiv(n_tiles, n_splits))
+    tau = tl.sum(tl.zeros([1], ACC), axis=0)
+    for rnd in range(0, n_rounds):
+        # Snake order: round r gives tiles r*S .. r*S+S-1 to splits 0..S-1, reversed on odd rounds.
+        ti = rnd * n_splits + split + (rnd % 2) * (n_splits - 1 - 2 * split)
+        if ti < n_tiles:
+            if form == FORM_RATIO:  # the usual row first
+                tau += tile_row(ws_row, wt_row, gs_row, gt_row, ti, C, two_k, exp2_scale,
+                                ACC, HARD, NEED_GS, NEED_GT, FORM_RATIO, FAST_RCP, BLOCK)
+            elif form == FORM_SMALL:
+                tau += tile_row(ws_row, wt_row, gs_row, gt_row, ti, C, two_k, exp2_scale,
+                                ACC, HARD, NEED_GS, NEED_GT, FORM_SMALL, FAST_RCP, BLOCK)
+            else:
+                tau += tile_row(ws_row, wt_row, gs_row, gt_row, ti, C, two_k, exp2_scale,
+                                ACC, HARD, NEED_GS, NEED_GT, FORM_DIRECT, False, BLOCK)
+    return tau
+
+
+@triton.jit
+def _finish_split(loss_ptr, tau_scratch_ptr, gs_row, gt_row, row, split, n_splits, C, k, tau, bad,
+                  ACC: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr,
+                  FUSED_FINALIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """FUSED_FINALIZE: the row's loss, and its gradient rows scaled in place; else this split's tau
+    into tau_scratch for the finalize kernel."""
+    if FUSED_FINALIZE:
+        scale = inv_pairs(C, ACC)
+        tl.store(loss_ptr + row, tl.where(bad, float("nan"), 1.0 - tau * scale))
+        tl.debug_barrier()  # this program's last partial-row stores are visible to _scale_row
+        grad_scale = -4.0 * k * scale
+        if NEED_GS:
+            _scale_row(gs_row, C, grad_scale, bad, BLOCK)
+        if NEED_GT:
+            _scale_row(gt_row, C, grad_scale, bad, BLOCK)
+    else:
+        tl.store(tau_scratch_ptr + row * n_splits + split, tl.where(bad, float("nan"), tau))
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -418,95 +400,30 @@ def _kendall_pairs_kernel(
     Otherwise: leaves this split's tau in tau_scratch and its unscaled partial gradient row in the
     output (split 0) or in the scratch rows (split s > 0 at scratch row (s - 1) * rows + row).
     weights_ptr: two rows of C per program (row * splits + split), the student's and the teacher's
-    weights (_store_weights).
+    weights (_store_weights). k and exp2_scale = 2k / ln 2 arrive as float32 halves (from_halves).
     """
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
-    # k and exp2_scale = 2k / ln 2 arrive as float32 halves hi + lo (Triton passes Python floats as
-    # float32, and a float literal like 1 / ln 2 would be rounded to float32 too): ~48 bits.
-    zero = tl.zeros([1], ACC)
-    k = tl.sum(zero + k_hi, axis=0) + tl.sum(zero + k_lo, axis=0)
-    exp2_scale = tl.sum(zero + exp2_scale_hi, axis=0) + tl.sum(zero + exp2_scale_lo, axis=0)
-
+    k = from_halves(k_hi, k_lo, ACC)
+    exp2_scale = from_halves(exp2_scale_hi, exp2_scale_lo, ACC)
     s_row = s_ptr + row * s_stride_row
     t_row = t_ptr + row * t_stride_row
-    if split == 0:
-        gs_row = gs_ptr + row * C
-        gt_row = gt_ptr + row * C
-    else:
-        scratch_row = ((split - 1) * rows + row).to(tl.int64)
-        gs_row = gs_scratch_ptr + scratch_row * C
-        gt_row = gt_scratch_ptr + scratch_row * C
-
-    s_lo, s_hi, s_bad = _row_range(s_row, C, ACC, BLOCK)
-    t_lo, t_hi, t_bad = _row_range(t_row, C, ACC, BLOCK)
-    bad = s_bad | t_bad
-    if bad:  # the pair loop is skipped; keep the (unused) range finite all the same
-        s_lo = tl.sum(zero, axis=0)
-        s_hi = s_lo
-        t_lo = s_lo
-        t_hi = s_lo
-    # Halves first: (max + min) / 2 must not overflow for logits near the dtype's limit.
-    s_centre = 0.5 * s_hi + 0.5 * s_lo
-    t_centre = 0.5 * t_hi + 0.5 * t_lo
-    spread = k * (s_hi - s_lo)
-    if not HARD:
-        spread = tl.maximum(spread, k * (t_hi - t_lo))
-    form = _row_form(spread, ratio_limit)
+    gs_row, gt_row = _partial_rows(gs_ptr, gt_ptr, gs_scratch_ptr, gt_scratch_ptr, row, split, rows, C)
+    s_centre, t_centre, bad, form = _row_set_up(s_row, t_row, C, k, ratio_limit, ACC, HARD, BLOCK)
     two_k = 2.0 * k
-
-    offs = tl.arange(0, BLOCK)
-    for start in range(0, C, BLOCK):
-        cols = start + offs
-        if NEED_GS:
-            tl.store(gs_row + cols, tl.zeros([BLOCK], ACC), mask=cols < C)
-        if NEED_GT:
-            tl.store(gt_row + cols, tl.zeros([BLOCK], ACC), mask=cols < C)
+    _zero_rows(gs_row, gt_row, C, ACC, NEED_GS, NEED_GT, BLOCK)
     ws_row = weights_ptr + (row * n_splits + split) * 2 * C
     wt_row = ws_row + C
     if not bad:
-        if form == FORM_RATIO:
-            _store_weights(s_row, t_row, ws_row, wt_row, C, s_centre, t_centre, two_k, exp2_scale,
-                           ACC, HARD, FORM_RATIO, BLOCK)
-        elif form == FORM_SMALL:
-            _store_weights(s_row, t_row, ws_row, wt_row, C, s_centre, t_centre, two_k, exp2_scale,
-                           ACC, HARD, FORM_SMALL, BLOCK)
-        else:
-            _store_weights(s_row, t_row, ws_row, wt_row, C, s_centre, t_centre, two_k, exp2_scale,
-                           ACC, HARD, FORM_DIRECT, BLOCK)
+        _store_row_weights(s_row, t_row, ws_row, wt_row, C, s_centre, t_centre, two_k, exp2_scale,
+                           form, ACC, HARD, BLOCK)
     tl.debug_barrier()  # the zeros and the weights are visible to every thread before its loads
-
-    n_tiles = tl.cdiv(C, BLOCK)
-    n_rounds = tl.where(bad, 0, tl.cdiv(n_tiles, n_splits))
-    tau = tl.sum(zero, axis=0)
-    for rnd in range(0, n_rounds):
-        # Snake order: round r gives tiles r*S .. r*S+S-1 to splits 0..S-1, reversed on odd rounds.
-        ti = rnd * n_splits + split + (rnd % 2) * (n_splits - 1 - 2 * split)
-        if ti < n_tiles:
-            if form == FORM_RATIO:  # the usual row first
-                tau += _tile_row(ws_row, wt_row, gs_row, gt_row, ti, C, two_k, exp2_scale,
-                                 ACC, HARD, NEED_GS, NEED_GT, FORM_RATIO, FAST_RCP, BLOCK)
-            elif form == FORM_SMALL:
-                tau += _tile_row(ws_row, wt_row, gs_row, gt_row, ti, C, two_k, exp2_scale,
-                                 ACC, HARD, NEED_GS, NEED_GT, FORM_SMALL, FAST_RCP, BLOCK)
-            else:
-                tau += _tile_row(ws_row, wt_row, gs_row, gt_row, ti, C, two_k, exp2_scale,
-                                 ACC, HARD, NEED_GS, NEED_GT, FORM_DIRECT, False, BLOCK)
-
-    c_acc = tl.sum(zero + C, axis=0)
-    inv_pairs = 2.0 / (c_acc * (c_acc - 1.0))
-    if FUSED_FINALIZE:
-        tl.store(loss_ptr + row, tl.where(bad, float("nan"), 1.0 - tau * inv_pairs))
-        tl.debug_barrier()  # this program's last partial-row stores are visible to _scale_row
-        grad_scale = -4.0 * k * inv_pairs
-        if NEED_GS:
-            _scale_row(gs_row, C, grad_scale, bad, BLOCK)
-        if NEED_GT:
-            _scale_row(gt_row, C, grad_scale, bad, BLOCK)
-    else:
-        tl.store(tau_scratch_ptr + row * n_splits + split, tl.where(bad, float("nan"), tau))
+    tau = _split_share(ws_row, wt_row, gs_row, gt_row, split, n_splits, C, two_k, exp2_scale, form,
+                       bad, ACC, HARD, NEED_GS, NEED_GT, FAST_RCP, BLOCK)
+    _finish_split(loss_ptr, tau_scratch_ptr, gs_row, gt_row, row, split, n_splits, C, k, tau, bad,
+                  ACC, NEED_GS, NEED_GT, FUSED_FINALIZE, BLOCK)
 
 
 def _autotune_options() -> Dict[str, bool]:
@@ -578,18 +495,16 @@ def _kendall_finalize_kernel(
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     block = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
-    zero = tl.zeros([1], ACC)
-    k = tl.sum(zero + k_hi, axis=0) + tl.sum(zero + k_lo, axis=0)
-    c_acc = tl.sum(zero + C, axis=0)
-    inv_pairs = 2.0 / (c_acc * (c_acc - 1.0))
-    grad_scale = -4.0 * k * inv_pairs
+    k = from_halves(k_hi, k_lo, ACC)
+    scale = inv_pairs(C, ACC)
+    grad_scale = -4.0 * k * scale
 
     splits = tl.arange(0, SPLITS_POW2)
     taus = tl.load(tau_scratch_ptr + row * n_splits + splits, mask=splits < n_splits, other=0.0)
     tau = tl.sum(taus, axis=0)
     bad = tau != tau
     if block == 0:
-        tl.store(loss_ptr + row, 1.0 - tau * inv_pairs)
+        tl.store(loss_ptr + row, 1.0 - tau * scale)
 
     cols = block * BLOCK + tl.arange(0, BLOCK)
     inside = cols < C
@@ -631,136 +546,85 @@ def num_splits(rows: int, c: int, device: torch.device) -> int:
     return max(1, min(MAX_SPLITS, wanted, c // MIN_COLUMNS_PER_SPLIT))
 
 
-def _float32_halves(k: float) -> Tuple[float, float]:
-    """k = hi + lo with hi, lo float32 values (Triton passes Python floats as float32)."""
-    hi = struct.unpack("f", struct.pack("f", k))[0]
-    lo = struct.unpack("f", struct.pack("f", k - hi))[0]
-    return hi, lo
+def _nothing(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A distinct (0,) placeholder for each unused output or buffer."""
+    return like.new_empty((0,), dtype=dtype)
 
 
-def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, k: float) -> None:
-    if student.dim() != 2 or teacher.shape != student.shape:
-        raise RuntimeError(
-            f"{OP_NAME} expects two (rows, C) tensors of one shape, got "
-            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
-        )
-    if student.dtype != teacher.dtype or not student.is_floating_point():
-        raise RuntimeError(f"{OP_NAME} expects one floating dtype, got {student.dtype} and {teacher.dtype}")
-    if student.device != teacher.device:
-        raise RuntimeError(f"{OP_NAME} expects one device, got {student.device} and {teacher.device}")
-    if student.shape[1] < 2:
-        raise RuntimeError(f"{OP_NAME} needs C >= 2, got {student.shape[1]}")
-    if student.shape[0] > MAX_ROWS:  # rows go on grid axis 0, whose limit this is
-        raise RuntimeError(f"{OP_NAME} takes at most 2^31 - 1 rows, got {student.shape[0]}")
-    if not (math.isfinite(k) and MIN_K <= k < MAX_K):
-        raise RuntimeError(f"{OP_NAME} needs k in [2^-100, 1e38), got {k} (the CPU and CUDA backends "
-                           "take any positive finite k)")
-
-
-def _on_device_of(tensor: torch.Tensor):
-    """A context that makes ``tensor``'s GPU Triton's current device for the launches inside.
-
-    Triton launches on the current device and its current stream, not on the arguments' device:
-    inputs on cuda:1 while cuda:0 is current would run on the wrong GPU. Under the interpreter
-    (CPU tensors) there is no device to set.
-    """
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
-def _launcher(kernel):
-    """``kernel[grid](...)`` as the op body calls it.
-
-    On the GPU through ``wrap_triton``, so that torch.compile sees the kernels inside the op. Under
-    the interpreter the kernels are plain Python and the op is opaque (see below): call them as is.
-    """
-    return kernel if INTERPRETING else torch.library.wrap_triton(kernel)
-
-
-def _kendall_triton(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    k: float,
-    hard_teacher: bool,
-    need_grad_student: bool,
-    need_grad_teacher: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # builtin tuple: see the schema note below
-    """The op contract of ``ops.py`` on CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
-
-    Returns ``(loss_rows, grad_student, grad_teacher)`` in the accumulation dtype; a gradient not
-    asked for is an empty ``(0,)`` tensor.
-    """
-    _check_inputs(student, teacher, k)
+def _outputs(student: torch.Tensor, hard_teacher: bool, need_grad_student: bool,
+             need_grad_teacher: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_rows, grad_student, grad_teacher) in the accumulation dtype, (0,) where not asked for."""
     rows, c = student.shape
     acc = accumulation_dtype(student.dtype)
-
-    def nothing() -> torch.Tensor:  # a distinct placeholder for each unused output or buffer
-        return student.new_empty((0,), dtype=acc)
-
     loss = student.new_empty((rows,), dtype=acc)
-    grad_s = student.new_empty((rows, c), dtype=acc) if need_grad_student else nothing()
+    grad_s = student.new_empty((rows, c), dtype=acc) if need_grad_student else _nothing(student, acc)
     if need_grad_teacher:
         # A hard teacher's gradient is identically zero: no kernel work for it.
         alloc = student.new_zeros if hard_teacher else student.new_empty
         grad_t = alloc((rows, c), dtype=acc)
     else:
-        grad_t = nothing()
-    if rows == 0:
-        return loss, grad_s, grad_t
+        grad_t = _nothing(student, acc)
+    return loss, grad_s, grad_t
 
-    need_gs = bool(need_grad_student)
-    need_gt = bool(need_grad_teacher and not hard_teacher)
+
+def _launch(student, teacher, k: float, loss, grad_s, grad_t, hard: bool, need_gs: bool,
+            need_gt: bool) -> None:
+    """The pair kernel over (row, split), then, where a row has several splits, the finalize kernel."""
+    rows, c = student.shape
+    acc = loss.dtype
     splits = num_splits(rows, c, student.device)
     fused = splits == 1
     scratch_rows = (splits - 1) * rows
-    gs_scratch = student.new_empty((scratch_rows, c), dtype=acc) if need_gs and not fused else nothing()
-    gt_scratch = student.new_empty((scratch_rows, c), dtype=acc) if need_gt and not fused else nothing()
-    tau_scratch = nothing() if fused else student.new_empty((rows, splits), dtype=acc)
+    scratch = [student.new_empty((scratch_rows, c), dtype=acc) if need and not fused
+               else _nothing(student, acc) for need in (need_gs, need_gt)]
+    gs_scratch, gt_scratch = scratch
+    tau_scratch = _nothing(student, acc) if fused else student.new_empty((rows, splits), dtype=acc)
     # Each program's weights of the student and teacher rows (see _store_weights).
     weights = student.new_empty((rows * splits, 2, c), dtype=acc)
-    k_hi, k_lo = _float32_halves(float(k))
-    exp2_scale_hi, exp2_scale_lo = _float32_halves(2.0 * float(k) / math.log(2.0))
-    # Rows may be strided (a view of a bigger tensor); columns must be dense for the kernel.
-    if student.stride(1) != 1:
-        student = student.contiguous()
-    if teacher.stride(1) != 1:
-        teacher = teacher.contiguous()
-
+    k_hi, k_lo = float32_halves(float(k))
+    exp2_scale_hi, exp2_scale_lo = float32_halves(2.0 * float(k) / math.log(2.0))
     pair_args = (
         student, teacher, student.stride(0), teacher.stride(0),
         loss, grad_s, grad_t, gs_scratch, gt_scratch, tau_scratch, weights,
         rows, c, k_hi, k_lo, exp2_scale_hi, exp2_scale_lo, RATIO_MAX_SPREAD[acc],
     )
-    flags = dict(HARD=bool(hard_teacher), NEED_GS=need_gs, NEED_GT=need_gt, FUSED_FINALIZE=fused)
-    with _on_device_of(student):
+    flags = dict(HARD=hard, NEED_GS=need_gs, NEED_GT=need_gt, FUSED_FINALIZE=fused)
+    with on_device_of(student):
         if INTERPRETING:
             block = pinned_config.kwargs["BLOCK"] if pinned_config is not None else interpreter_block(c)
-            _launcher(_kendall_pairs_kernel)[(rows, splits)](
+            launcher(_kendall_pairs_kernel)[(rows, splits)](
                 *pair_args, **flags, FAST_RCP=False, BLOCK=block, num_warps=1
             )
         else:
-            _launcher(tuned_kernel(pinned_config))[(rows, splits)](
+            launcher(tuned_kernel(pinned_config))[(rows, splits)](
                 *pair_args, **flags, FAST_RCP=acc == torch.float32
             )
         if not fused:
-            _launcher(_kendall_finalize_kernel)[(triton.cdiv(c, FINALIZE_BLOCK), rows)](
+            launcher(_kendall_finalize_kernel)[(triton.cdiv(c, FINALIZE_BLOCK), rows)](
                 loss, grad_s, grad_t, gs_scratch, gt_scratch, tau_scratch,
                 rows, c, splits, k_hi, k_lo,
                 NEED_GS=need_gs, NEED_GT=need_gt, SPLITS_POW2=triton.next_power_of_2(splits),
                 BLOCK=FINALIZE_BLOCK,
             )
+
+
+def _kendall_triton(student: torch.Tensor, teacher: torch.Tensor, k: float, hard_teacher: bool,
+                    need_grad_student: bool, need_grad_teacher: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # builtin tuple: see below
+    """The op contract of ``ops.py`` on CUDA tensors (CPU tensors under TRITON_INTERPRET=1)."""
+    check_op_inputs(OP_NAME, student, teacher, k, K_RANGE, MAX_GRID_ROWS)
+    loss, grad_s, grad_t = _outputs(student, hard_teacher, need_grad_student, need_grad_teacher)
+    if student.shape[0] > 0:
+        # Rows may be strided (a view of a bigger tensor); columns must be dense for the kernel.
+        if student.stride(1) != 1:
+            student = student.contiguous()
+        if teacher.stride(1) != 1:
+            teacher = teacher.contiguous()
+        _launch(student, teacher, k, loss, grad_s, grad_t, bool(hard_teacher), bool(need_grad_student),
+                bool(need_grad_teacher and not hard_teacher))
     return loss, grad_s, grad_t
 
 
 # The schema is the shared one, given rather than inferred. torch 2.6's triton_op still evaluates the
 # (postponed, string) annotations, where typing.Tuple is unknown: the return reads tuple[...].
-if INTERPRETING:
-    # An opaque custom op: fake tensors cannot run interpreted kernels, so torch.compile must not
-    # trace into the body; the shared fake implementation gives it the output shapes instead.
-    kendall_triton = torch.library.custom_op(OP_NAME, mutates_args=(), schema=ops.SCHEMA)(_kendall_triton)
-    kendall_triton.register_fake(ops.kendall_fake)
-else:
-    # triton_op: torch.compile (Inductor) sees and schedules the kernels; the body, run on fake
-    # tensors, is the fake implementation.
-    kendall_triton = torch.library.triton_op(OP_NAME, mutates_args=(), schema=ops.SCHEMA)(_kendall_triton)
-
-ops.register_autograd_and_vmap(OP_NAME)
+kendall_triton = register_op(OP_NAME, _kendall_triton)
