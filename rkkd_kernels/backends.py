@@ -11,6 +11,7 @@ registers its kernels itself; a library that cannot load leaves its reason, neve
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable, Dict, Optional
 
 import torch
@@ -29,17 +30,29 @@ _ext.cpu_problem()
 if torch.cuda.is_available():
     _ext.cuda_problem()
 
-try:
-    from . import triton_pairs  # noqa: E402  (registers rkkd::kendall_triton)
-    from . import triton_expsum  # noqa: E402,F401  (registers rkkd::kendall_expsum_triton)
+# The Triton kernels load with the package only where they can run: a CUDA device, or the CPU
+# interpreter (TRITON_INTERPRET=1 set before the import). Importing Triton brings torch._inductor
+# (about a second); on any other machine the Triton backend can never run, so it is never imported.
+# Loading here, at import, keeps the ops defined before torch.compile traces anything.
+TRITON_CAN_RUN_HERE = INTERPRETING or torch.cuda.is_available()
 
-    _TRITON_MISSING: Optional[str] = None
-except ImportError as err:  # Triton is optional: the CUDA extension serves GPUs without it
-    triton_pairs = None
-    _TRITON_MISSING = f"triton does not import ({err}); `pip install triton` to use it"
-except Exception as err:  # a Triton that imports but fails to set up must not break the package
-    triton_pairs = None
-    _TRITON_MISSING = f"the Triton backend failed to load ({type(err).__name__}: {err})"
+
+def _load_triton() -> Optional[str]:
+    """None once the Triton ops are registered, else why not (naming what to install)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed; `pip install triton` to use it"
+    if not TRITON_CAN_RUN_HERE:
+        return None  # installed; loaded nowhere it could not run
+    try:
+        from . import triton_expsum, triton_pairs  # noqa: F401  (register rkkd::kendall_triton, ...)
+    except ImportError as err:  # Triton is optional: the CUDA extension serves GPUs without it
+        return f"triton does not import ({err}); `pip install triton` to use it"
+    except Exception as err:  # a Triton that imports but fails to set up must not break the package
+        return f"the Triton backend failed to load ({type(err).__name__}: {err})"
+    return None
+
+
+_TRITON_MISSING = _load_triton()
 
 NO_GPU = "no CUDA device here"
 
@@ -63,7 +76,7 @@ def _interpreter_problem() -> Optional[str]:
 
 
 # Read now, not while torch.compile traces why_unavailable.
-_INTERPRETER_PROBLEM = _interpreter_problem() if _TRITON_MISSING is None else None
+_INTERPRETER_PROBLEM = _interpreter_problem() if INTERPRETING and _TRITON_MISSING is None else None
 
 
 def why_unavailable(backend: str, device: torch.device) -> Optional[str]:

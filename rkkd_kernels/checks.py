@@ -52,7 +52,14 @@ def _logits_problem(student, teacher, op: bool) -> Optional[Problem]:
 
 
 def check_k(k) -> float:
-    """``k`` as a float; ValueError unless it is a positive finite real number."""
+    """``k`` as a float: TypeError unless it is a real number (a tensor included: reading its value
+    would synchronise with the device and break torch.compile's graph), ValueError unless it is
+    positive and finite."""
+    if isinstance(k, torch.Tensor):
+        raise TypeError(f"k must be a Python float, got a tensor ({k!r}); pass float(k) "
+                        "(reading a tensor's value syncs with its device and breaks torch.compile's graph)")
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(f"k must be a Python float, got {type(k).__name__} ({k!r})")
     problem = _k_problem(k)
     if problem is not None:
         raise ValueError(problem)

@@ -26,7 +26,7 @@ def _check_options(k, top_k, reduction, backend, method="auto", hard_teacher=Fal
         raise ValueError(f"unknown backend {backend!r}; expected one of {backends.BACKENDS}")
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-            raise ValueError(f"top_k must be an int or None, got {top_k!r}")
+            raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__} ({top_k!r})")
         if top_k < 2:
             raise ValueError(f"top_k must be at least 2, got {top_k}")
     return checks.check_k(k)
@@ -118,7 +118,9 @@ def kendall_loss(
         ValueError: differing shapes or devices, ``C < 2``, a ``k`` that is not finite and above
             zero, a ``top_k`` outside ``[2, C]``, an unknown ``reduction``, ``backend`` or ``method``,
             ``method="expsum"`` with a soft teacher or on a backend without it.
-        TypeError: an input that is not a tensor, or not of a floating dtype.
+        TypeError: an input that is not a tensor, or not of a floating dtype; a ``k`` that is not
+            a Python number (a tensor ``k`` included: pass ``float(k)``); a ``top_k`` that is not
+            an int or None.
         RuntimeError: a forced backend that cannot run here (the message says what to install or
             which device it needs); a second derivative through the loss.
         The repository's docs/contract.md lists every rule, arguments of a wrong type included.

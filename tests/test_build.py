@@ -199,3 +199,32 @@ def test_backend_cpu_without_its_library_raises_the_reason(monkeypatch):
     with pytest.raises(RuntimeError, match=r"backend 'cpu' is not available: the CPU kernel is not built \(test\)"):
         kendall_loss(s, s, backend="cpu")
     assert rkkd_kernels.available_backends()["cpu"] == "the CPU kernel is not built (test)"
+
+
+IMPORT_ONLY = r"""
+import json, sys, time
+start = time.perf_counter()
+import rkkd_kernels
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "loaded": [m for m in ("triton", "torch._inductor") if m in sys.modules],
+}))
+"""
+
+
+def test_import_loads_neither_triton_nor_inductor_where_triton_cannot_run(tmp_path):
+    """On a machine where the Triton kernels cannot run (no CUDA device, no TRITON_INTERPRET),
+    `import rkkd_kernels` imports neither Triton nor torch._inductor (about a second)."""
+    env = tool_env()
+    env.update(CUDA_VISIBLE_DEVICES="")
+    script = "import torch\n" + IMPORT_ONLY
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"import rkkd_kernels after torch: {out['seconds'] * 1e3:.0f} ms")
+    assert out["loaded"] == []
+    env["TRITON_INTERPRET"] = "1"  # where they can run (here: interpreted), they load with the package
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "triton" in json.loads(run.stdout.strip().splitlines()[-1])["loaded"]

@@ -286,7 +286,10 @@ def test_bad_input_errors(backend_device):
         (ValueError, (s[0, 0], t[0, 0]), {}),
         (ValueError, (s, t), {"top_k": 1}),
         (ValueError, (s, t), {"top_k": 6}),
-        (ValueError, (s, t), {"top_k": 2.5}),
+        (TypeError, (s, t), {"top_k": 2.5}),
+        (TypeError, (s, t), {"top_k": "5"}),
+        (TypeError, (s, t), {"k": torch.tensor(1.0)}),
+        (TypeError, (s, t), {"k": "1.0"}),
         (ValueError, (s, t), {"k": 0.0}),
         (ValueError, (s, t), {"k": -1.0}),
         (ValueError, (s, t), {"k": math.inf}),
@@ -304,6 +307,8 @@ def test_bad_input_errors(backend_device):
             kendall_loss(*args, **{"backend": backend, **kwargs})
     with pytest.raises(ValueError):
         KendallLoss(k=-2.0)
+    with pytest.raises(TypeError, match=r"k must be a Python float, got a tensor .*pass float\(k\)"):
+        KendallLoss(k=torch.tensor(2.0))
     with pytest.raises(ValueError):
         KendallLoss(reduction="avg")
 
