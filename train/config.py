@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from rkkd_kernels.backends import BACKENDS as KENDALL_BACKENDS
+from rkkd_kernels import BACKENDS as KENDALL_BACKENDS
 
 from .data import DATASETS
 from .models import ARCHITECTURES
