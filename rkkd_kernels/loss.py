@@ -131,6 +131,8 @@ def kendall_loss(
 class KendallLoss(nn.Module):
     """Module form of :func:`kendall_loss`; the options are checked once, here."""
 
+    # kendall_loss's options spelled out again: both signatures are public (the one repeat that
+    # `duplicates` reports in rkkd_kernels/).
     def __init__(
         self,
         k: float = 1.0,
