@@ -94,13 +94,15 @@ PRESETS: Dict[str, Preset] = {
 
 # --------------------------------------------------------------------------------------- providers
 def fast_backends(device: str) -> Tuple[List[str], Dict[str, str]]:
-    """The fused backends that run natively on ``device`` here, and why the others do not."""
-    from rkkd_kernels import backends
+    """The fused backends that run natively on ``device`` here, and why the others do not (each
+    backend's answer is for the device it serves here: the CPU, or the GPU where one is)."""
+    from rkkd_kernels import available_backends
 
     candidates = ("cpu",) if device == "cpu" else ("triton", "cuda")
+    reasons = available_backends()
     present, absent = [], {}
     for name in candidates:
-        reason = backends.why_unavailable(name, torch.device(device))
+        reason = reasons[name]
         if reason is None:
             present.append(name)
         else:

@@ -138,31 +138,25 @@ def time_cpu(fn: Callable[[], Any], min_run_time_s: float) -> Timing:
     return timing_of([t for t in measurement.times])
 
 
-def time_cuda(fn: Callable[[], Any], once_s: float, min_run_time_s: float, min_reps: int) -> Timing:
-    """CUDA events around each call, the L2 cache flushed in between (as triton's do_bench does)."""
-    reps = max(min_reps, min(2000, int(min_run_time_s / max(once_s, 1e-6))))
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    for _ in range(min(reps, 10)):
-        fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends):
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return timing_of([start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)])
+def time_cuda(fn: Callable[[], Any], min_run_time_s: float) -> Timing:
+    """triton.testing.do_bench: CUDA events around each call, the L2 cache flushed in between, calls
+    for about ``min_run_time_s`` after a warm-up."""
+    from triton.testing import do_bench
+
+    times_ms = do_bench(fn, rep=min_run_time_s * 1e3, return_mode="all")
+    return timing_of([t / 1e3 for t in times_ms])
 
 
 def time_calls(fn: Callable[[], Any], device: str, once_s: float, min_run_time_s: float,
                min_reps: int) -> Timing:
-    """Blocks of calls for fast functions; single calls, ``min_reps`` or more, for slow ones."""
+    """Blocks of calls for fast functions; single calls, ``min_reps`` or more, for slow ones. A fast
+    call (below ``min_run_time_s / min_reps``) on a GPU gets as many samples as fit in
+    ``min_run_time_s``, about ``min_reps`` or more: do_bench sizes them from its own estimate."""
     if once_s >= max(SLOW_CALL_S, min_run_time_s / min_reps):
         reps = max(min_reps, math.ceil(min_run_time_s / once_s))
         return timing_of([wall_seconds(fn, device) for _ in range(reps)])
     if device.startswith("cuda"):
-        return time_cuda(fn, once_s, min_run_time_s, min_reps)
+        return time_cuda(fn, min_run_time_s)
     return time_cpu(fn, min_run_time_s)
 
 
@@ -170,8 +164,9 @@ def time_backward(loss_fn: LossFn, student: torch.Tensor, teacher: torch.Tensor,
                   min_run_time_s: float, min_reps: int, max_reps: int = 500) -> Timing:
     """The backward alone: each sample runs a fresh forward (untimed), then times the gradient.
 
-    A plain loop of single calls (perf_counter on the CPU, CUDA events on a GPU), because a timed
-    block of torch.utils.benchmark cannot leave out the forward that each backward needs.
+    A plain loop of single calls (perf_counter on the CPU, CUDA events on a GPU): neither a timed
+    block of torch.utils.benchmark nor triton.testing.do_bench can leave out the forward that each
+    backward needs (a graph runs backward once).
     """
     cuda = device.startswith("cuda")
     times_s: List[float] = []
@@ -261,8 +256,8 @@ def measure_times(spec: Spec) -> Dict[str, Any]:
 
     The first forward+backward compiles (reference_compiled), loads kernels and starts thread pools;
     a second one gives the steady time (for the compiled reference, compile_s is the difference).
-    Fast calls are timed in blocks (torch.utils.benchmark on the CPU, CUDA events on a GPU) for at
-    least ``min_run_time_s``; calls slower than that over ``min_reps`` (and than SLOW_CALL_S) are timed
+    Fast calls are timed in blocks (torch.utils.benchmark on the CPU, triton.testing.do_bench on a
+    GPU) for at least ``min_run_time_s``; calls slower than that over ``min_reps`` (and than SLOW_CALL_S) are timed
     one by one, ``min_reps`` times or more.
     """
     student, teacher = make_inputs(spec.batch, spec.classes, spec.dtype, spec.device, spec.seed)
@@ -340,7 +335,3 @@ def cxc_bytes(batch: int, classes: int, top_k: Optional[int], dtype: str) -> int
     n = top_k if top_k is not None else classes
     element = 8 if dtype == "float64" else 4  # the reference accumulates half types in float32
     return batch * n * n * element
-
-
-def is_finite(x: Optional[float]) -> bool:
-    return x is not None and math.isfinite(x)

@@ -6,8 +6,7 @@ import math
 import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from train import tables
-
+from . import tables
 from .measure import MODES, REFERENCE_PROVIDERS
 
 Row = Dict[str, Any]

@@ -194,6 +194,8 @@ class KendallLoss(nn.Module):
         KendallLoss(k=1.0, hard_teacher=False, top_k=10, reduction='mean', backend='auto', method='auto')
     """
 
+    # kendall_loss's options spelled out again: both signatures are public (the one repeat that
+    # `duplicates` reports in rkkd_kernels/).
     def __init__(
         self,
         k: float = 1.0,

@@ -11,12 +11,13 @@ import argparse
 import dataclasses
 import math
 import os
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from rkkd_kernels.backends import BACKENDS as KENDALL_BACKENDS
+from rkkd_kernels import BACKENDS as KENDALL_BACKENDS
 
 from .data import DATASETS
 from .models import ARCHITECTURES
@@ -153,7 +154,17 @@ HELP = {
 # ---------------------------------------------------------------------------------------------
 
 
-def _optional(kind):
+def _field_type(name: str) -> Tuple[Any, bool]:
+    """The type of Config field ``name`` with Optional[...] taken off, and whether it was there."""
+    kind = typing.get_type_hints(Config)[name]
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is typing.Union and type(None) in args:
+        (inner,) = (arg for arg in args if arg is not type(None))
+        return inner, True
+    return kind, False
+
+
+def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str):
         return None if text.lower() in ("none", "null", "") else kind(text)
 
@@ -174,50 +185,45 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + item.name.replace("_", "-")
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
         help_text = f"{HELP[item.name]} (default {default})"
-        if item.type == "bool":
+        kind, optional = _field_type(item.name)
+        if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif item.type == "List[int]":
-            parser.add_argument(flag, type=int, nargs="+", metavar="N", help=help_text)
+        elif typing.get_origin(kind) is list:
+            (element,) = typing.get_args(kind)
+            parser.add_argument(flag, type=element, nargs="+", metavar="N", help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}[_base_type(item.type)]
-            parser.add_argument(flag, type=_optional(kind) if "Optional" in item.type else kind,
+            parser.add_argument(flag, type=_optional(kind) if optional else kind,
                                 metavar=item.name.upper(), help=help_text)
     return parser
 
 
-def _base_type(kind: str) -> str:
-    return kind.replace("Optional[", "").rstrip("]")
+# What a YAML value of each field type must be: (test, the error's wording). YAML gives ints where
+# floats are asked for; bool is an int in Python, and never a number here.
+_YAML_KINDS: Dict[Any, Tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
 
 
 def _coerce(name: str, value: Any) -> Any:
     """Check a YAML value against the type of Config field ``name``."""
-    kinds = {item.name: item.type for item in dataclasses.fields(Config)}
-    kind = kinds[name]
+    kind, optional = _field_type(name)
     if value is None:
-        if "Optional" not in kind:
+        if not optional:
             raise ConfigError(f"option {name!r} cannot be null")
         return None
-    if kind == "List[int]":
-        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int)
-                                               for v in value):
+    if typing.get_origin(kind) is list:
+        (element,) = typing.get_args(kind)
+        accepts, _ = _YAML_KINDS[element]
+        if not isinstance(value, list) or not all(accepts(v) for v in value):
             raise ConfigError(f"option {name!r} must be a list of integers, got {value!r}")
         return list(value)
-    base = _base_type(kind)
-    if base == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"option {name!r} must be true or false, got {value!r}")
-        return value
-    if base == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"option {name!r} must be an integer, got {value!r}")
-        return value
-    if base == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"option {name!r} must be a number, got {value!r}")
-        return float(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"option {name!r} must be a string, got {value!r}")
-    return value
+    accepts, wording = _YAML_KINDS[kind]
+    if not accepts(value):
+        raise ConfigError(f"option {name!r} must be {wording}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 def load_yaml_options(path: str) -> Dict[str, Any]:

@@ -27,13 +27,14 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from benchmarks.tables import write_csv
+
 from .config import Config
 from .data import DataBundle, SeededTransform, build_data
 from .loop import Phase, train_phase
 from .outputs import format_table, plot_seeds, write_summary
 from .runtime import Runtime, setup_runtime
 from .study import mean_std, paired_difference
-from .tables import write_csv
 
 # name -> (description, ce_weight, kd_weight, uses the rank term)
 ARMS = {"kd": ("CE + KD", 1.0, 1.0, False), "kd_rank": ("CE + KD + Kendall", 1.0, 1.0, True)}

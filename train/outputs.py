@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any, Dict, List, Sequence
 
-from . import tables
+from benchmarks import tables
 
 # Columns of metrics.csv, in order. Loss terms are unweighted means over the epoch's batches.
 CSV_COLUMNS = [

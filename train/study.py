@@ -7,6 +7,7 @@ degrees of freedom, solved by bisection.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Dict, List, Sequence
 
 
@@ -49,11 +50,11 @@ def t_quantile(dof: int, confidence: float = 0.95) -> float:
 
 
 def mean_std(values: Sequence[float]) -> Dict[str, float]:
-    """Mean and sample standard deviation (n - 1 in the denominator; NaN for one value)."""
+    """Mean and sample standard deviation (n - 1 in the denominator; NaN for one value, where
+    statistics.stdev would raise: a one-seed study still prints its mean)."""
     n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
-    return {"n": n, "mean": mean, "std": std}
+    std = statistics.stdev(values) if n > 1 else math.nan
+    return {"n": n, "mean": statistics.mean(values), "std": std}
 
 
 def paired_difference(treated: Sequence[float], control: Sequence[float],

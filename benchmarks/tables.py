@@ -1,4 +1,5 @@
-"""CSV files and Markdown tables, written one way for the harness (train/) and the benchmarks."""
+"""CSV files and Markdown tables, written one way for the benchmarks and the harness (train/ imports
+this module; benchmarks/ never imports train/)."""
 
 from __future__ import annotations
 
