@@ -155,6 +155,10 @@ def kendall_loss(
     how = expsum.choose(method, chosen, student.shape[-1], k, student.dtype, bool(hard_teacher))
     rows_loss = backends.EXPSUM_DISPATCH[chosen] if how == "expsum" else backends.DISPATCH[chosen]
     loss_rows = rows_loss(student, teacher, k, bool(hard_teacher))
+    # A row whose pairs all saturate sums tau to P (1 +- a few ulps): 1 - tau can land ~1e-16 outside
+    # [0, 2]. The value is held in the range; the gradient passes through unchanged (a plain clamp
+    # would zero it there). Values inside the range, and NaN rows, are unchanged.
+    loss_rows = loss_rows + (loss_rows.clamp(0.0, 2.0) - loss_rows).detach()
     if reduction == "mean":
         out = loss_rows.mean()
     elif reduction == "sum":

@@ -276,6 +276,21 @@ def test_property_symmetry_bounds_and_reversal(backend_device, data):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+def test_a_saturated_row_stays_within_the_loss_range(backend_device):
+    """A row whose student order equals its teacher's, every pair saturated (k R large): tau sums
+    to P within a few ulps, and the CPU kernel's 1 - tau came out at -5.6e-17 (found by the property
+    test below). The loss stays in [0, 2]; the gradient is still the kernel's (tiny, not zeroed)."""
+    backend, device = backend_device
+    s = torch.tensor([[-15.5487, 42.0719, 71.9273, 9.4430, -38.4401]], dtype=torch.float64, device=device)
+    t = torch.tensor([[-69.8225, 6.9340, 28.3998, -22.0440, -78.8474]], dtype=torch.float64, device=device)
+    s.requires_grad_(True)
+    loss = kendall_loss(s, t, 2.0, reduction="none", backend=backend)
+    assert 0.0 <= loss.item() <= 2.0
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    assert torch.isfinite(grad).all() and grad.abs().max() < 1e-30
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 def test_bad_input_errors(backend_device):
     backend, device = backend_device
     s = make_logits((2, 5), device=device)
