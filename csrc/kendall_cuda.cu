@@ -282,9 +282,7 @@ __device__ __forceinline__ void half_rotation(LaneRows<Path, kHard, kGradT>& me,
   pass_on<kGradT>(j, (lane + kHalf) % kWarpSize);
 }
 
-// One piece (~140 lines): split into forceinline helpers, nvcc allocates registers and orders
-// instructions differently (same count, SASS not identical), and the loop counted and tuned in
-// docs/performance.md is this code's.
+// One piece: split into forceinline helpers, nvcc allocates it differently (same count, other SASS).
 template <typename scalar_t, typename acc_t, typename Path, bool kHard, bool kGradT>
 __global__ void __launch_bounds__(kThreads, Path::kMinBlocksPerSM)
     pair_sums(const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,
