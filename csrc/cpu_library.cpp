@@ -16,8 +16,6 @@
 #include "cpu_kernels.h"
 #include "kendall_op.h"
 
-#define RKKD_STRINGIFY_(x) #x
-#define RKKD_STRINGIFY(x) RKKD_STRINGIFY_(x)
 
 namespace rkkd {
 
@@ -118,6 +116,15 @@ Outputs kendall_expsum_cpu(Tensor student, Tensor teacher, double k, bool hard_t
   return out;
 }
 
+// The variants' names, best first, comma-separated: all of them, or those this CPU runs.
+std::string variant_names(bool only_supported) {
+  std::string out;
+  for (const auto& v : kVariants) {
+    if (!only_supported || v.runs_here()) out += (out.empty() ? "" : ",") + std::string(v.name);
+  }
+  return out;
+}
+
 // Tests run every variant this CPU supports: this switches the variant in use (process-wide) and
 // returns the one it replaces. A variant this CPU cannot run is refused, never run.
 std::string force_cpu_variant(std::string name) {
@@ -144,35 +151,17 @@ STABLE_TORCH_LIBRARY_IMPL(rkkd, CompositeExplicitAutograd, m) {
 }
 
 // Read by rkkd_kernels/_ext.py (ctypes) for `python -m rkkd_kernels` and the tests: the variants
-// compiled in (best first, comma-separated), those this CPU runs, the one in use, and the torch
-// version the library was built against and targets.
+// compiled in (best first, comma-separated), those this CPU runs, and the one in use.
 extern "C" {
 __attribute__((visibility("default"))) const char* rkkd_cpu_variants_compiled() {
-  static const std::string names = [] {
-    std::string out;
-    for (const auto& v : rkkd::kVariants) out += (out.empty() ? "" : ",") + std::string(v.name);
-    return out;
-  }();
+  static const std::string names = rkkd::variant_names(false);
   return names.c_str();
 }
 __attribute__((visibility("default"))) const char* rkkd_cpu_variants_supported() {
-  static const std::string names = [] {
-    std::string out;
-    for (const auto& v : rkkd::kVariants) {
-      if (v.runs_here()) out += (out.empty() ? "" : ",") + std::string(v.name);
-    }
-    return out;
-  }();
+  static const std::string names = rkkd::variant_names(true);
   return names.c_str();
 }
 __attribute__((visibility("default"))) const char* rkkd_cpu_variant_in_use() {
   return rkkd::kVariants[rkkd::active_variant.load()].name;
-}
-__attribute__((visibility("default"))) uint64_t rkkd_torch_target_version() {
-  return TORCH_FEATURE_VERSION;
-}
-__attribute__((visibility("default"))) const char* rkkd_torch_built_against() {
-  return RKKD_STRINGIFY(TORCH_VERSION_MAJOR) "." RKKD_STRINGIFY(TORCH_VERSION_MINOR) "." RKKD_STRINGIFY(
-      TORCH_VERSION_PATCH);
 }
 }

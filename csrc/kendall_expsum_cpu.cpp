@@ -453,7 +453,7 @@ RowKind expsum_row(const scalar_t* s, const scalar_t* t, int64_t c, double k,
 // kernel on a copy of those rows, its results put back in place. A row's result does not depend on
 // the other rows of its call, so these are the bits the pair kernel gives the row anywhere.
 template <typename scalar_t, typename T>
-void pair_kernel_rows(const scalar_t* s, const scalar_t* t, int64_t c, double k,
+void pair_kernel_rows(InputType type, const scalar_t* s, const scalar_t* t, int64_t c, double k,
                       const Buffer<int64_t>& rows, T* loss, T* grad_s) {
   const int64_t n = int64_t(rows.size());
   if (n == 0) return;
@@ -463,20 +463,8 @@ void pair_kernel_rows(const scalar_t* s, const scalar_t* t, int64_t c, double k,
     std::memcpy(static_cast<void*>(t_rows.data() + i * c), t + rows[i] * c, sizeof(scalar_t) * c);
   }
   Buffer<T> loss_rows(n), grad_rows(grad_s ? n * c : 0);
-  KendallArgs args{};
-  args.type = std::is_same<scalar_t, Float16>::value    ? InputType::kHalf
-              : std::is_same<scalar_t, BFloat16>::value ? InputType::kBFloat16
-              : std::is_same<scalar_t, float>::value    ? InputType::kFloat
-                                                        : InputType::kDouble;
-  args.student = s_rows.data();
-  args.teacher = t_rows.data();
-  args.rows = n;
-  args.c = c;
-  args.k = k;
-  args.hard_teacher = true;
-  args.loss = loss_rows.data();
-  args.grad_student = grad_s ? grad_rows.data() : nullptr;
-  args.grad_teacher = nullptr;
+  const KendallArgs args{type, s_rows.data(), t_rows.data(), n, c, k, /*hard_teacher=*/true,
+                         loss_rows.data(), grad_s ? grad_rows.data() : nullptr, nullptr};
   kendall_pairs(args);
   for (int64_t i = 0; i < n; ++i) {
     loss[rows[i]] = loss_rows[i];
@@ -485,8 +473,8 @@ void pair_kernel_rows(const scalar_t* s, const scalar_t* t, int64_t c, double k,
 }
 
 template <typename scalar_t, typename T>
-void expsum_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t c, double k, T* loss,
-                 T* grad_s) {
+void expsum_rows(InputType type, const scalar_t* s, const scalar_t* t, int64_t rows, int64_t c,
+                 double k, T* loss, T* grad_s) {
   const Lattice<T> lattice;
   Buffer<RowKind> kinds(rows);
   parallel_rows(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -505,7 +493,7 @@ void expsum_rows(const scalar_t* s, const scalar_t* t, int64_t rows, int64_t c, 
   for (int64_t r = 0; r < rows; ++r) {
     if (kinds[r] == RowKind::kPairs) pair_rows.push_back(r);
   }
-  pair_kernel_rows(s, t, c, k, pair_rows, loss, grad_s);
+  pair_kernel_rows(type, s, t, c, k, pair_rows, loss, grad_s);
 }
 
 }  // namespace
@@ -516,7 +504,7 @@ void kendall_expsum(const KendallArgs& a) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
     expsum_cpu::expsum_rows<scalar_t, acc_t>(
-        static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher), a.rows,
+        a.type, static_cast<const scalar_t*>(a.student), static_cast<const scalar_t*>(a.teacher), a.rows,
         a.c, a.k, static_cast<acc_t*>(a.loss), static_cast<acc_t*>(a.grad_student));
   });
 }

@@ -58,11 +58,14 @@ class Library:
         self._tried = False
 
     def load(self) -> Optional[str]:
-        """Load the library (registering its kernels); None on success, else why not."""
+        """Load the library (registering its kernels); None on success, else why not. After the
+        first call only an attribute read (torch.compile traces the callers)."""
+        if self._tried:
+            return self.problem
         with self._lock:
             if not self._tried:
-                self._tried = True
                 self.problem = self._load()
+                self._tried = True  # after the problem: a thread that sees it sees the answer
         return self.problem
 
     def _load(self) -> Optional[str]:
@@ -100,13 +103,13 @@ CUDA = Library(CUDA_LIBRARY, "the CUDA kernel")
 
 def cpu_problem() -> Optional[str]:
     """Why backend "cpu" is unavailable here, or None (the library loads with the package)."""
-    return CPU.problem if CPU._tried else CPU.load()
+    return CPU.load()
 
 
 def cuda_problem() -> Optional[str]:
     """Why the CUDA extension is unavailable here, or None. Loaded on first ask: it is only worth
     loading where a GPU is, and loading it costs the CUDA runtime's set-up."""
-    return CUDA.problem if CUDA._tried else CUDA.load()
+    return CUDA.load()
 
 
 def _split(names: str) -> List[str]:
@@ -138,7 +141,3 @@ def forced_cpu_variant(name: str) -> Iterator[None]:
         yield
     finally:
         torch.ops.rkkd._force_cpu_variant(previous)
-
-
-def torch_built_against() -> Optional[str]:
-    return None if cpu_problem() else CPU.text("rkkd_torch_built_against")

@@ -26,15 +26,16 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
 # Load the CPU library now (a millisecond), not while torch.compile traces why_unavailable; the
 # CUDA one where a GPU is.
+_GPU_AT_IMPORT = torch.cuda.is_available()
 _ext.cpu_problem()
-if torch.cuda.is_available():
+if _GPU_AT_IMPORT:
     _ext.cuda_problem()
 
 # The Triton kernels load with the package only where they can run: a CUDA device, or the CPU
 # interpreter (TRITON_INTERPRET=1 set before the import). Importing Triton brings torch._inductor
 # (about a second); on any other machine the Triton backend can never run, so it is never imported.
 # Loading here, at import, keeps the ops defined before torch.compile traces anything.
-TRITON_CAN_RUN_HERE = INTERPRETING or torch.cuda.is_available()
+TRITON_CAN_RUN_HERE = INTERPRETING or _GPU_AT_IMPORT
 
 
 def _load_triton() -> Optional[str]:
