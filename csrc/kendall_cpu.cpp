@@ -194,8 +194,10 @@ struct RowPlan {
   bool in_float() const { return path == RowPath::kFloatSmall || path == RowPath::kFloatRatio; }
 };
 
+// Not inlined: inside kendall_rows' loops GCC keeps row_range's minimum and maximum on the stack,
+// a store and a load per element (measured: the row scan took 2.5 % of the B=256, C=1000 call).
 template <typename scalar_t, typename acc_t>
-RowPlan plan_row(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard) {
+[[gnu::noinline]] RowPlan plan_row(const scalar_t* s, const scalar_t* t, int64_t c, double k, bool hard) {
   RowPlan plan{row_range(s, c), row_range(t, c), RowPath::kDirect};
   plan.path = choose_row_path(plan.rs.finite && plan.rt.finite, k, plan.rs.spread(),
                               plan.rt.spread(), hard, !std::is_same<acc_t, double>::value);
