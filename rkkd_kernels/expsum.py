@@ -63,8 +63,7 @@ The choice between the methods, ``method="auto"``, is made on the host from C, k
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 from typing import Tuple
 
 import torch
@@ -100,16 +99,17 @@ class Lattice:
             total += 2.0 * math.sqrt(gamma_sq)
         return total
 
-    @property
-    def lead(self) -> float:
-        """t_lo = lead - kR: the left tail, h e^{t_lo} / (1 - e^{-h}) times x_max = 2 e^{kR}, is cut."""
-        h = self.step
-        return math.log(self.cut * (1.0 - math.exp(-h)) / (2.0 * h))
+    # t_lo = lead - kR: the left tail, h e^{t_lo} / (1 - e^{-h}) times x_max = 2 e^{kR}, is cut.
+    lead: float = field(init=False)
+    # t_hi = tail + kR: v = x_min e^{t_hi} solves h v^2 e^{-v} + (1 + v) e^{-v} = cut.
+    tail: float = field(init=False)
 
-    @property
-    def tail(self) -> float:
-        """t_hi = tail + kR: v = x_min e^{t_hi} solves h v^2 e^{-v} + (1 + v) e^{-v} = cut."""
-        return math.log(_right_cut(self.step, self.cut) / 2.0)
+    def __post_init__(self) -> None:
+        # Computed once, as plain attributes: torch.compile reads them as constants (a cached
+        # function in their place makes Dynamo warn and trace the bisection).
+        h = self.step
+        object.__setattr__(self, "lead", math.log(self.cut * (1.0 - math.exp(-h)) / (2.0 * h)))
+        object.__setattr__(self, "tail", math.log(_right_cut(h, self.cut) / 2.0))
 
     def node_range(self, spread: float) -> Tuple[int, int]:
         """(m_lo, m_hi), the first and last node of a row with k * (max - min) = spread."""
@@ -123,7 +123,6 @@ class Lattice:
         return m_hi - m_lo + 1
 
 
-@lru_cache(maxsize=None)
 def _right_cut(step: float, cut: float) -> float:
     """The v > 2 where h v^2 e^{-v} + (1 + v) e^{-v} falls to ``cut`` (decreasing there): bisection."""
     lo, hi = 2.0, 800.0
